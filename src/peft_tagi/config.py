@@ -1,0 +1,134 @@
+"""`TagiConfig`: the configuration of a TAGI adapter (hypernetwork + per-example LoRA layers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType, TaskType
+
+# The one table of per-architecture knowledge: which linear layers receive a generated LoRA by
+# default. Keys are `transformers` `config.model_type` values. To add a model family, add a row.
+TAGI_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "umt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+}
+
+POOLING_CHOICES = ("mean", "attention")
+OVERFLOW_CHOICES = ("truncate", "error")
+SUPPORTED_TASK_TYPES = (TaskType.SEQ_2_SEQ_LM, TaskType.CAUSAL_LM)
+
+
+@dataclass
+class TagiConfig(PeftConfig):
+    """Configuration of a TAGI adapter: a hypernetwork that writes LoRA weights from an instruction.
+
+    The base model encodes the instruction once; a pooled task vector goes through the hypernetwork, which emits a
+    LoRA pair (A, B) for every targeted linear layer. The layer then computes
+    `base(x) + scaling * dropout(x) @ A.T @ B.T` with `scaling = lora_alpha / r`, exactly like a PEFT LoRA, so a
+    generated adapter can be exported as a standard LoRA folder.
+
+    Args:
+        r (`int`): LoRA rank of every generated adapter. The TAGI paper uses 32.
+        lora_alpha (`float`): LoRA scaling numerator; the update is multiplied by `lora_alpha / r`.
+        lora_dropout (`float`): dropout probability on the LoRA input, in [0, 1).
+        target_modules (`list[str]` or `str`, *optional*): names (suffix match) or a regex (full match) of the linear
+            layers that receive generated weights. Defaults to the row of `TAGI_TARGET_MODULES_MAPPING` for the
+            model's `model_type`.
+        instruction_fusion (`bool`, *optional*): encoder-decoder models only. The decoder cross-attends to
+            [instruction states ; input states], the largest single factor in the paper's ablation. Defaults to
+            `True` for `SEQ_2_SEQ_LM` and `False` otherwise; `True` on a decoder-only model is an error.
+        max_instruction_length (`int`): instructions longer than this many tokens are truncated or refused
+            (see `instruction_overflow`).
+        instruction_overflow (`str`): `"truncate"` (keep the first `max_instruction_length` tokens, with a warning)
+            or `"error"`.
+        hypernetwork_hidden_size (`int`): width of the hypernetwork's shared trunk.
+        module_embedding_dim (`int`): size of the learned embedding that tells the trunk which layer and module it
+            is writing for.
+        pooling (`str`): how encoded instruction tokens become one task vector: `"mean"` (masked mean, padding
+            excluded) or `"attention"` (a learned query attends over the tokens; starts as the masked mean).
+    """
+
+    r: int = field(default=32, metadata={"help": "LoRA rank of the generated adapters."})
+    lora_alpha: float = field(default=64, metadata={"help": "LoRA alpha; scaling = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules that receive generated LoRA weights (names or regex)."}
+    )
+    instruction_fusion: bool | None = field(
+        default=None, metadata={"help": "Decoder cross-attends to [instruction ; input] (seq2seq only)."}
+    )
+    max_instruction_length: int = field(default=1024, metadata={"help": "Maximum instruction length in tokens."})
+    instruction_overflow: Literal["truncate", "error"] = field(
+        default="truncate", metadata={"help": "What to do with a longer instruction: 'truncate' or 'error'."}
+    )
+    hypernetwork_hidden_size: int = field(default=256, metadata={"help": "Width of the hypernetwork trunk."})
+    module_embedding_dim: int = field(default=64, metadata={"help": "Size of the per-module embedding."})
+    pooling: Literal["mean", "attention"] = field(
+        default="mean", metadata={"help": "Instruction pooling: 'mean' or 'attention'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.TAGI
+        if self.task_type is not None and self.task_type not in SUPPORTED_TASK_TYPES:
+            raise ValueError(
+                f"TagiConfig.task_type={self.task_type!r} is not supported; use one of "
+                f"{[t.value for t in SUPPORTED_TASK_TYPES]}."
+            )
+        _check_positive_int("r", self.r)
+        _check_positive_int("max_instruction_length", self.max_instruction_length)
+        _check_positive_int("hypernetwork_hidden_size", self.hypernetwork_hidden_size)
+        _check_positive_int("module_embedding_dim", self.module_embedding_dim)
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+            raise ValueError(f"TagiConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TagiConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.pooling not in POOLING_CHOICES:
+            raise ValueError(f"TagiConfig.pooling must be one of {list(POOLING_CHOICES)}, got {self.pooling!r}.")
+        if self.instruction_overflow not in OVERFLOW_CHOICES:
+            raise ValueError(
+                f"TagiConfig.instruction_overflow must be one of {list(OVERFLOW_CHOICES)}, "
+                f"got {self.instruction_overflow!r}."
+            )
+        if isinstance(self.target_modules, (list, tuple, set)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(
+                    f"TagiConfig.target_modules must be a non-empty list of module names or a regex string, "
+                    f"got {self.target_modules!r}."
+                )
+            self.target_modules = sorted(set(self.target_modules))
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError(
+                f"TagiConfig.target_modules must be a list of module names, a regex string or None, "
+                f"got {self.target_modules!r}."
+            )
+        if self.instruction_fusion is None:
+            self.instruction_fusion = self.task_type == TaskType.SEQ_2_SEQ_LM
+        elif not isinstance(self.instruction_fusion, bool):
+            raise ValueError(
+                f"TagiConfig.instruction_fusion must be True, False or None, got {self.instruction_fusion!r}."
+            )
+        if self.instruction_fusion and self.task_type != TaskType.SEQ_2_SEQ_LM:
+            raise ValueError(
+                "TagiConfig.instruction_fusion=True needs an encoder-decoder model (task_type='SEQ_2_SEQ_LM'); "
+                f"got task_type={self.task_type!r}. Set instruction_fusion=False for decoder-only models."
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"TagiConfig.{name} must be a positive integer, got {value!r}.")

@@ -1,0 +1,113 @@
+"""`TagiHypernetwork`: encoded instruction -> one LoRA pair (A, B) for every targeted module."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A targeted linear layer: its path in the base model and its shape."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def head_key(self) -> str:
+        # Modules of one kind and shape (e.g. every T5 `q`) share output heads; the module embedding tells them apart.
+        kind = self.name.rsplit(".", 1)[-1]
+        return f"{kind}_{self.in_features}x{self.out_features}"
+
+
+class TagiHypernetwork(nn.Module):
+    """Instruction states -> LoRA weights for every target module.
+
+    Pipeline: masked pooling of the instruction states into a task vector (padding never counts), LayerNorm and a
+    projection, concatenation with a learned per-module embedding (layer and module identity), a shared two-layer
+    ReLU trunk, then linear heads per module kind and shape that emit A and B.
+
+    The B heads start at exactly zero, so a fresh hypernetwork writes ΔW = B·A = 0 and the adapted model equals the
+    base model (LoRA's own initialisation argument). The A heads start with a bias drawn like LoRA's A
+    (kaiming-uniform) so that gradients reach B from the first step.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        targets: list[TargetSpec],
+        r: int,
+        hidden_size: int,
+        module_embedding_dim: int,
+        pooling: str,
+    ) -> None:
+        super().__init__()
+        self.targets = list(targets)
+        self.r = r
+        self.pooling = pooling
+        if pooling == "attention":
+            # Zero query: uniform attention over real tokens, i.e. the masked mean, at initialisation.
+            self.pool_query = nn.Parameter(torch.zeros(d_model))
+        self.input_norm = nn.LayerNorm(d_model)
+        self.input_proj = nn.Linear(d_model, hidden_size)
+        self.module_embedding = nn.Embedding(len(self.targets), module_embedding_dim)
+        self.trunk = nn.Sequential(
+            nn.Linear(hidden_size + module_embedding_dim, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+        )
+        self.heads_A = nn.ModuleDict()
+        self.heads_B = nn.ModuleDict()
+        for spec in self.targets:
+            if spec.head_key in self.heads_A:
+                continue
+            head_A = nn.Linear(hidden_size, r * spec.in_features)
+            bound = 1.0 / math.sqrt(spec.in_features)
+            nn.init.uniform_(head_A.bias, -bound, bound)
+            nn.init.normal_(head_A.weight, std=bound / math.sqrt(hidden_size))
+            head_B = nn.Linear(hidden_size, spec.out_features * r)
+            nn.init.zeros_(head_B.weight)
+            nn.init.zeros_(head_B.bias)
+            self.heads_A[spec.head_key] = head_A
+            self.heads_B[spec.head_key] = head_B
+        self._groups: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.targets):
+            self._groups.setdefault(spec.head_key, []).append(i)
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states: (T, S, d), mask: (T, S) -> task vectors (T, d). Padding positions get zero weight."""
+        mask = mask.to(states.dtype)
+        if self.pooling == "attention":
+            scores = (states @ self.pool_query.to(states.dtype)) / math.sqrt(states.shape[-1])
+            scores = scores.masked_fill(mask == 0, torch.finfo(states.dtype).min)
+            weights = torch.softmax(scores, dim=-1) * mask
+        else:
+            weights = mask
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        return torch.einsum("ts,tsd->td", weights, states)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """states: (T, S, d), mask: (T, S) -> {module name: (A (T, r, in), B (T, out, r))}."""
+        task = self.input_proj(self.input_norm(self.pool(states, mask)))  # (T, H)
+        n_tasks, n_modules = task.shape[0], len(self.targets)
+        emb = self.module_embedding.weight.to(task.dtype)  # (M, E)
+        features = torch.cat(
+            [task[:, None, :].expand(n_tasks, n_modules, -1), emb[None].expand(n_tasks, -1, -1)], dim=-1
+        )
+        features = self.trunk(features)  # (T, M, H)
+        weights = {}
+        for key, indices in self._groups.items():
+            group = features[:, indices]  # (T, m, H)
+            flat_A = self.heads_A[key](group)
+            flat_B = self.heads_B[key](group)
+            for j, i in enumerate(indices):
+                spec = self.targets[i]
+                lora_A = flat_A[:, j].reshape(n_tasks, self.r, spec.in_features)
+                lora_B = flat_B[:, j].reshape(n_tasks, spec.out_features, self.r)
+                weights[spec.name] = (lora_A, lora_B)
+        return weights

@@ -1,0 +1,123 @@
+"""`TagiLinear`: a linear layer plus a low-rank update whose weights differ per example of the batch."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class TagiLinear(nn.Module, BaseTunerLayer):
+    """Wraps an `nn.Linear` (or GPT-2's `Conv1D`) and adds `scaling * dropout(x) @ A[t].T @ B[t].T`.
+
+    The layer owns no LoRA weights. Whoever drives it (the hypernetwork, a bank of task LoRAs or a cached
+    `TaskAdapter`) calls `set_task_weights` with one (A, B) pair per task and, for a batch that mixes tasks, the task
+    of every row. Without task weights, or with adapters disabled, the layer is exactly its base layer.
+
+    Shapes:
+        A: (T, r, in_features), B: (T, out_features, r), row_index: (batch,) with values in [0, T) or None (T == 1,
+        every row uses the same pair). Inputs x: (N, ..., in_features) where N is the batch size or a multiple of it
+        (beam search and `num_return_sequences` repeat each row consecutively).
+    """
+
+    adapter_layer_names = ()
+    other_param_names = ("r", "lora_alpha", "scaling")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"TAGI can only target nn.Linear or transformers Conv1D layers, got {type(base_layer).__name__}. "
+                "Choose other target_modules in TagiConfig."
+            )
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+        self._task_A: torch.Tensor | None = None
+        self._task_B: torch.Tensor | None = None
+        self._row_index: torch.Tensor | None = None
+        self._merged_delta: torch.Tensor | None = None
+
+    def set_task_weights(
+        self, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, row_index: torch.Tensor | None = None
+    ) -> None:
+        """Install task weights (A: (T, r, in), B: (T, out, r)); `None` removes them."""
+        if lora_A is not None:
+            if lora_A.shape[1:] != (self.r, self.in_features) or lora_B.shape[1:] != (self.out_features, self.r):
+                raise ValueError(
+                    f"Task weights of shape A{tuple(lora_A.shape[1:])}, B{tuple(lora_B.shape[1:])} do not fit this "
+                    f"layer (expects A({self.r}, {self.in_features}), B({self.out_features}, {self.r})): the adapter "
+                    "was made for another model or rank."
+                )
+            if row_index is None and lora_A.shape[0] != 1:
+                raise ValueError("Several task weight sets need a row_index that maps each batch row to one of them.")
+        self._task_A, self._task_B, self._row_index = lora_A, lora_B, row_index
+
+    @property
+    def has_task_weights(self) -> bool:
+        return self._task_A is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B · A of the single installed task, shaped like the base weight."""
+        if self._task_A is None or self._task_A.shape[0] != 1:
+            raise ValueError(
+                "Merging needs exactly one task adapter: wrap the call in `with model.use_adapter(task_adapter):`."
+            )
+        delta = (self._task_B[0] @ self._task_A[0]) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        weight = self.get_base_layer().weight
+        merged = weight.data + delta.to(weight.dtype)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("NaN or inf found while merging the task adapter; the generated weights are broken.")
+        weight.data = merged
+        self._merged_delta = delta
+        self.merged_adapters = [self.active_adapter]
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.get_base_layer().weight
+        weight.data -= self._merged_delta.to(weight.dtype)
+        self._merged_delta = None
+        self.merged_adapters = []
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged or self._task_A is None:
+            return result
+        lora_A, lora_B = self._task_A.to(x.dtype), self._task_B.to(x.dtype)
+        x = self.lora_dropout(x)
+        if self._row_index is None:
+            # One task for the whole batch: a plain low-rank matmul.
+            delta = (x @ lora_A[0].T) @ lora_B[0].T
+        else:
+            n_rows = x.shape[0]
+            index = self._row_index
+            if n_rows != index.shape[0]:
+                if n_rows % index.shape[0]:
+                    raise ValueError(
+                        f"The batch has {n_rows} rows but the instructions {index.shape[0]}: pass one instruction "
+                        "per input row."
+                    )
+                index = index.repeat_interleave(n_rows // index.shape[0])
+            flat = x.reshape(n_rows, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, lora_A[index].transpose(1, 2)), lora_B[index].transpose(1, 2))
+            delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return result + delta * self.scaling
+
+    def __repr__(self) -> str:
+        return "tagi." + super().__repr__()

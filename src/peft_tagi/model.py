@@ -1,0 +1,463 @@
+"""`TagiModel`: the PEFT tuner that injects `TagiLinear` layers, encodes instructions and drives the hypernetwork."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TaskType
+from torch import nn
+from transformers.utils import logging
+
+from .adapter import TaskAdapter
+from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
+from .hypernetwork import TagiHypernetwork, TargetSpec
+from .layer import TagiLinear
+
+logger = logging.get_logger(__name__)
+
+INSTRUCTION_KEYS = ("instruction_input_ids", "instruction_attention_mask")
+
+
+@dataclass
+class EncodedInstructions:
+    """Unique instructions of a batch after encoding.
+
+    Shapes: input_ids (T, S), attention_mask (T, S), states (T, S, d_model), row_index (batch,) with the unique
+    instruction of every batch row.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    states: torch.Tensor
+    row_index: torch.Tensor
+
+
+@dataclass
+class _ActiveTask:
+    """What the layers and the fusion hook currently apply."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
+    row_index: torch.Tensor | None  # (batch,) or None for one task
+    states: torch.Tensor | None  # (T, S, d) fusion states or None
+    states_mask: torch.Tensor | None  # (T, S)
+
+
+class TagiModel(BaseTuner):
+    """Creates a TAGI model from a pretrained transformers model (use `peft.get_peft_model` with a `TagiConfig`).
+
+    Extra inputs of `forward` / `generate`: `instruction_input_ids` (batch, S) and `instruction_attention_mask`
+    (batch, S), one instruction per row. The instructions are encoded by the base model with the adapters off;
+    identical instructions are encoded and turned into weights once. Without instruction ids, a `TaskAdapter`
+    installed with `use_adapter` is applied.
+    """
+
+    prefix: str = "tagi_"
+    tuner_layer_cls = TagiLinear
+    target_module_mapping = TAGI_TARGET_MODULES_MAPPING
+    uses_shared_state = True
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        if "tagi_hypernetwork" in self._modules:
+            raise ValueError(
+                "A TAGI model holds one hypernetwork; adding a second adapter is not supported. "
+                "Create a separate model with get_peft_model for another TagiConfig."
+            )
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _pre_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
+        is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        if config.task_type == TaskType.SEQ_2_SEQ_LM and not is_encoder_decoder:
+            raise ValueError(
+                f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model, but {type(model).__name__} is decoder-only. "
+                "Use TagiConfig(task_type='CAUSAL_LM', instruction_fusion=False)."
+            )
+        if config.task_type == TaskType.CAUSAL_LM and is_encoder_decoder:
+            raise ValueError(
+                f"task_type='CAUSAL_LM' does not fit the encoder-decoder model {type(model).__name__}. "
+                "Use TagiConfig(task_type='SEQ_2_SEQ_LM')."
+            )
+        self._active: _ActiveTask | None = None
+        self._task_adapter: TaskAdapter | None = None
+        self._adapters_enabled = True
+        self._fusion_handle = None
+        self._layers: dict[str, TagiLinear] = {}
+
+    @staticmethod
+    def _prepare_adapter_config(peft_config: TagiConfig, model_config: dict) -> TagiConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TAGI_TARGET_MODULES_MAPPING:
+                raise ValueError(
+                    f"TagiConfig.target_modules has no default for model_type={model_type!r} (known: "
+                    f"{sorted(TAGI_TARGET_MODULES_MAPPING)}); set target_modules, e.g. ['q_proj', 'v_proj']."
+                )
+            peft_config.target_modules = list(TAGI_TARGET_MODULES_MAPPING[model_type])
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: TagiConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if parameter_name is not None:
+            raise ValueError("TAGI targets modules, not parameters: leave target_parameters unset.")
+        new_module = TagiLinear(
+            target,
+            adapter_name,
+            r=peft_config.r,
+            lora_alpha=peft_config.lora_alpha,
+            lora_dropout=peft_config.lora_dropout,
+        )
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
+        self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
+        targets = [TargetSpec(name, m.in_features, m.out_features) for name, m in self._layers.items()]
+        embeddings = model.get_input_embeddings()
+        hypernetwork = TagiHypernetwork(
+            d_model=embeddings.embedding_dim,
+            targets=targets,
+            r=config.r,
+            hidden_size=config.hypernetwork_hidden_size,
+            module_embedding_dim=config.module_embedding_dim,
+            pooling=config.pooling,
+        ).to(embeddings.weight.device)
+        self.tagi_hypernetwork = nn.ModuleDict({adapter_name: hypernetwork})
+        if config.instruction_fusion:
+            self._fusion_handle = model.get_decoder().register_forward_pre_hook(
+                self._fusion_pre_hook, with_kwargs=True
+            )
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f"tagi_hypernetwork.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, "tagi_hypernetwork.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tagi_config(self) -> TagiConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def hypernetwork(self) -> TagiHypernetwork:
+        return self.tagi_hypernetwork[self.active_adapters[0]]
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._adapters_enabled = enabled
+
+    # ------------------------------------------------------------------ instruction encoding
+    def _prepare_instruction_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate, truncate and trim: returns ids and mask (batch, S) with no all-padding column."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                "instruction_input_ids must be a 2-D tensor (batch, length) of token ids; "
+                f"got {type(input_ids).__name__} with shape {getattr(input_ids, 'shape', None)}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"instruction_attention_mask {tuple(attention_mask.shape)} must have the shape of "
+                f"instruction_input_ids {tuple(input_ids.shape)}."
+            )
+        attention_mask = attention_mask.to(input_ids.device).long()
+        lengths = attention_mask.sum(dim=1)
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"Instruction rows {empty} are empty (no token in the attention mask): every input needs a "
+                "non-empty task instruction."
+            )
+        limit = self.tagi_config.max_instruction_length
+        if int(lengths.max()) > limit:
+            message = (
+                f"An instruction has {int(lengths.max())} tokens, more than max_instruction_length={limit}. "
+                "Shorten it or raise TagiConfig.max_instruction_length"
+            )
+            if self.tagi_config.instruction_overflow == "error":
+                raise ValueError(message + ".")
+            logger.warning(message + f"; keeping the first {limit} tokens.")
+            attention_mask = attention_mask * (attention_mask.cumsum(dim=1) <= limit).long()
+        keep = attention_mask.bool().any(dim=0)
+        return input_ids[:, keep], attention_mask[:, keep]
+
+    @contextmanager
+    def _base_model_only(self) -> Iterator[None]:
+        """Run the untouched base model: every TAGI layer bypassed, whatever is installed."""
+        previous = {name: layer._disable_adapters for name, layer in self._layers.items()}
+        for layer in self._layers.values():
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for name, layer in self._layers.items():
+                layer._disable_adapters = previous[name]
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Base-model states of instructions (T, S) -> (T, S, d_model), adapters off, no gradient."""
+        with torch.no_grad(), self._base_model_only():
+            if self.model.config.is_encoder_decoder:
+                out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            else:
+                backbone = getattr(self.model, self.model.base_model_prefix)
+                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def encode_instructions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> EncodedInstructions:
+        """Deduplicate and encode a batch of instructions (batch, S); each unique instruction is encoded once."""
+        input_ids, attention_mask = self._prepare_instruction_batch(input_ids, attention_mask)
+        key = torch.cat([input_ids * attention_mask, attention_mask], dim=1)
+        unique, row_index = torch.unique(key, dim=0, return_inverse=True)
+        width = input_ids.shape[1]
+        unique_ids, unique_mask = unique[:, :width], unique[:, width:]
+        keep = unique_mask.bool().any(dim=0)
+        unique_ids, unique_mask = unique_ids[:, keep], unique_mask[:, keep]
+        states = self._encode(unique_ids, unique_mask)
+        return EncodedInstructions(unique_ids, unique_mask, states, row_index)
+
+    # ------------------------------------------------------------------ installing task weights
+    def _install(self, active: _ActiveTask | None) -> None:
+        for name, layer in self._layers.items():
+            if active is None:
+                layer.set_task_weights(None, None)
+            else:
+                layer.set_task_weights(*active.weights[name], active.row_index)
+        self._active = active
+
+    def _from_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _ActiveTask:
+        encoded = self.encode_instructions(input_ids, attention_mask)
+        weights = self.hypernetwork(encoded.states, encoded.attention_mask)
+        _check_finite(weights)
+        fusion = self.tagi_config.instruction_fusion
+        return _ActiveTask(
+            weights=weights,
+            row_index=encoded.row_index,
+            states=encoded.states if fusion else None,
+            states_mask=encoded.attention_mask if fusion else None,
+        )
+
+    def _from_task_adapter(self, adapter: TaskAdapter) -> _ActiveTask:
+        names, expected = set(adapter.lora_A), set(self._layers)
+        if names != expected:
+            raise ValueError(
+                f"The TaskAdapter targets other modules than this model (missing: {sorted(expected - names)[:4]}, "
+                f"unexpected: {sorted(names - expected)[:4]}): it was made for another base model or TagiConfig."
+            )
+        ratio = adapter.scaling / self.tagi_config.scaling
+        device = self.model.get_input_embeddings().weight.device
+        weights = {}
+        for name, layer in self._layers.items():
+            lora_A, lora_B = adapter.lora_A[name], adapter.lora_B[name]
+            if lora_A.shape != (layer.r, layer.in_features) or lora_B.shape != (layer.out_features, layer.r):
+                raise ValueError(
+                    f"TaskAdapter weights for {name} have shapes A{tuple(lora_A.shape)}, B{tuple(lora_B.shape)} but "
+                    f"the model expects A({layer.r}, {layer.in_features}), B({layer.out_features}, {layer.r}): it "
+                    "was made for a base model of other shapes or another rank."
+                )
+            weights[name] = (lora_A.to(device)[None], (lora_B.to(device) * ratio)[None])
+        _check_finite(weights)
+        states = mask = None
+        if self.tagi_config.instruction_fusion:
+            if adapter.instruction_states is None:
+                raise ValueError(
+                    "This model uses instruction fusion but the TaskAdapter has no instruction states (it was "
+                    "exported without fusion or loaded from a plain LoRA folder). Load it with TaskAdapter.load from "
+                    "a folder written by save_lora, or use a model with instruction_fusion=False."
+                )
+            states = adapter.instruction_states.to(device)[None]
+            mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
+        return _ActiveTask(weights=weights, row_index=None, states=states, states_mask=mask)
+
+    @contextmanager
+    def _task_context(
+        self,
+        instruction_input_ids: torch.Tensor | None,
+        instruction_attention_mask: torch.Tensor | None,
+        batch_size: int | None,
+    ) -> Iterator[None]:
+        if not self._adapters_enabled:
+            yield  # inside disable_adapter(): the plain base model, instructions ignored
+            return
+        if instruction_input_ids is None:
+            if self._active is None:
+                raise ValueError(
+                    "No instruction_input_ids and no active TaskAdapter: pass instruction_input_ids= and "
+                    "instruction_attention_mask= (the tokenized task instruction), or wrap the call in "
+                    "`with model.use_adapter(task_adapter):`."
+                )
+            yield
+            return
+        if (
+            batch_size is not None
+            and instruction_input_ids.dim() >= 1
+            and instruction_input_ids.shape[0] != batch_size
+        ):
+            raise ValueError(
+                f"The batch has {batch_size} inputs but {instruction_input_ids.shape[0]} instructions: pass exactly "
+                "one instruction row per input row (repeat the instruction for inputs of the same task)."
+            )
+        previous = self._active
+        self._install(self._from_instructions(instruction_input_ids, instruction_attention_mask))
+        try:
+            yield
+        finally:
+            self._install(previous)
+
+    def _fusion_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        active = self._active
+        encoder_states = kwargs.get("encoder_hidden_states")
+        if active is None or active.states is None or not self._adapters_enabled or encoder_states is None:
+            return None
+        n_rows = encoder_states.shape[0]
+        index = active.row_index
+        if index is None:
+            index = torch.zeros(1, dtype=torch.long, device=encoder_states.device)
+        if n_rows % index.shape[0]:
+            raise ValueError(f"The decoder got {n_rows} rows for {index.shape[0]} instructions.")
+        index = index.repeat_interleave(n_rows // index.shape[0])
+        states = active.states[index].to(encoder_states.dtype)
+        states_mask = active.states_mask[index]
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
+        kwargs["encoder_hidden_states"] = torch.cat([states, encoder_states], dim=1)
+        kwargs["encoder_attention_mask"] = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
+        return args, kwargs
+
+    # ------------------------------------------------------------------ public API
+    def forward(
+        self,
+        *args,
+        instruction_input_ids: torch.Tensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        with self._task_context(instruction_input_ids, instruction_attention_mask, _batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self,
+        *args,
+        instruction_input_ids: torch.Tensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        with self._task_context(instruction_input_ids, instruction_attention_mask, _batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate_adapter(
+        self,
+        instruction_input_ids: torch.Tensor,
+        instruction_attention_mask: torch.Tensor | None = None,
+        instructions: list[str] | None = None,
+    ) -> list[TaskAdapter]:
+        """Generate one `TaskAdapter` per instruction row (identical rows share one adapter object).
+
+        Each unique instruction is encoded and generated on its own, at its own length, so an adapter is bitwise the
+        same whatever batch it came in.
+        """
+        input_ids, attention_mask = self._prepare_instruction_batch(instruction_input_ids, instruction_attention_mask)
+        if instructions is not None and len(instructions) != input_ids.shape[0]:
+            raise ValueError(f"Got {len(instructions)} instruction texts for {input_ids.shape[0]} rows.")
+        config = self.tagi_config
+        fan_in_fan_out = any(layer.fan_in_fan_out for layer in self._layers.values())
+        base_name = getattr(self.model, "name_or_path", None) or config.base_model_name_or_path
+        cache: dict[tuple[int, ...], TaskAdapter] = {}
+        adapters = []
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row][attention_mask[row].bool()][None]
+            key = tuple(ids[0].tolist())
+            if key not in cache:
+                mask = torch.ones_like(ids)
+                states = self._encode(ids, mask)
+                weights = self.hypernetwork(states, mask)
+                _check_finite(weights)
+                cache[key] = TaskAdapter(
+                    lora_A={name: a[0].detach().clone() for name, (a, _) in weights.items()},
+                    lora_B={name: b[0].detach().clone() for name, (_, b) in weights.items()},
+                    r=config.r,
+                    lora_alpha=config.lora_alpha,
+                    task_type=str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type),
+                    fan_in_fan_out=fan_in_fan_out,
+                    instruction_states=states[0].detach().clone() if config.instruction_fusion else None,
+                    instruction=None if instructions is None else instructions[row],
+                    base_model_name_or_path=base_name,
+                )
+            adapters.append(cache[key])
+        return adapters
+
+    @contextmanager
+    def use_adapter(self, adapter: TaskAdapter) -> Iterator[TaskAdapter]:
+        """Apply a cached `TaskAdapter` to every call inside the block; no instruction ids are needed there."""
+        if not isinstance(adapter, TaskAdapter):
+            raise TypeError(f"use_adapter expects a TaskAdapter, got {type(adapter).__name__}.")
+        previous, previous_adapter = self._active, self._task_adapter
+        self._install(self._from_task_adapter(adapter))
+        self._task_adapter = adapter
+        try:
+            yield adapter
+        finally:
+            if any(layer.merged for layer in self._layers.values()):
+                # merge_and_unload() inside the block: the weights now live in the base model.
+                self._active, self._task_adapter = previous, previous_adapter
+            else:
+                self._install(previous)
+                self._task_adapter = previous_adapter
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+        if merge:
+            if self._active is None or self._active.row_index is not None:
+                raise ValueError(
+                    "merge_and_unload() merges one task's generated LoRA: call it inside "
+                    "`with model.use_adapter(task_adapter):`."
+                )
+            if self._active.states is not None:
+                warnings.warn(
+                    "The merged model has no instruction fusion: the decoder no longer sees the instruction, so its "
+                    "outputs differ from the TAGI model's. Train with instruction_fusion=False for a mergeable "
+                    "adapter.",
+                    stacklevel=3,
+                )
+        if self._fusion_handle is not None:
+            self._fusion_handle.remove()
+            self._fusion_handle = None
+        model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        for layer in self._layers.values():
+            layer.set_task_weights(None, None)
+        self._layers = {}
+        return model
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _check_finite(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for name, (lora_A, lora_B) in weights.items():
+        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+            raise ValueError(
+                f"The generated LoRA weights for {name} contain NaN or inf: the hypernetwork diverged or was loaded "
+                "from a damaged checkpoint. Lower the learning rate or reload a good checkpoint."
+            )

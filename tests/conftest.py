@@ -1,0 +1,120 @@
+"""Tiny models built from configs (no download) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+import peft_tagi  # noqa: F401  (registers TAGI)
+
+VOCAB = 64
+SHARED_SNI = Path(__file__).resolve().parents[2] / "shared" / "data" / "sni"
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+BUILDERS = {"t5": tiny_t5, "bart": tiny_bart, "gpt2": tiny_gpt2, "llama": tiny_llama}
+SEQ2SEQ = {"t5", "bart"}
+
+
+def task_type(family: str) -> str:
+    return "SEQ_2_SEQ_LM" if family in SEQ2SEQ else "CAUSAL_LM"
+
+
+def randomize_hypernetwork(model, seed: int = 1, std: float = 0.05) -> None:
+    """Give the (zero-initialised) B heads random weights so that generated adapters are not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.base_model.tagi_hypernetwork.named_parameters():
+            if ".heads_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_batch(family: str, batch: int = 3, seq: int = 7, ins_len: int = 6, seed: int = 0) -> dict:
+    """Random token batch: inputs, labels and one instruction per row (rows 0 and 1 get different instructions)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    ins = torch.randint(3, VOCAB, (batch, ins_len), generator=generator)
+    ins_mask = torch.ones_like(ins)
+    if batch > 2:
+        ins_mask[2, ins_len - 2 :] = 0
+        ins[2, ins_len - 2 :] = 0
+    out = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "instruction_input_ids": ins,
+        "instruction_attention_mask": ins_mask,
+    }
+    if family in SEQ2SEQ:
+        out["labels"] = torch.randint(3, VOCAB, (batch, 4), generator=generator)
+    else:
+        out["labels"] = ids.clone()
+    return out
+
+
+def run_python(code: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run code in a fresh Python process; fail the test with its stderr when it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
