@@ -118,3 +118,48 @@ def run_python(code: str, cwd: Path | None = None, timeout: int = 240) -> subpro
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+WORDS = (
+    "reverse the words keep first last two three drop copy all then and cat dog sun red blue tree milk fish "
+    "bird green one word list output input task say"
+).split()
+
+
+def word_tokenizer():
+    """A word-level tokenizer made in code: <pad>=0, </s>=1, <unk>=2, then WORDS (ids 3..); fits VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def toy_examples(n_per_task: int = 4, seed: int = 0) -> list[dict]:
+    """Four tiny word tasks in the one example format."""
+    import random
+
+    rng = random.Random(seed)
+    nouns = "cat dog sun red blue tree milk fish bird green".split()
+    tasks = {
+        "reverse": ("reverse the words", lambda w: w[::-1], "order"),
+        "first_two": ("keep first two words", lambda w: w[:2], "select"),
+        "last_two": ("keep last two words", lambda w: w[-2:], "select"),
+        "copy": ("copy all the words", lambda w: w, "order"),
+    }
+    rows = []
+    for name, (instruction, fn, category) in tasks.items():
+        for _ in range(n_per_task):
+            words = rng.sample(nouns, 4)
+            out = " ".join(fn(words))
+            rows.append(
+                {"task_name": name, "instruction": instruction, "input": " ".join(words), "output": out,
+                 "category": category, "choices": [], "references": [out]}
+            )  # fmt: skip
+    return rows

@@ -28,9 +28,11 @@ from peft.utils import register_peft_method  # noqa: E402
 
 from .adapter import TaskAdapter  # noqa: E402
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig  # noqa: E402
+from .data.collator import TagiDataCollator  # noqa: E402
 from .hypernetwork import TagiHypernetwork  # noqa: E402
 from .layer import TagiLinear  # noqa: E402
-from .model import TagiModel  # noqa: E402
+from .model import TagiModel, TaskWeights  # noqa: E402
+from .trainer import TagiTrainer, TagiTrainingArguments  # noqa: E402
 
 if PeftType.TAGI not in PEFT_TYPE_TO_TUNER_MAPPING:
     register_peft_method(name="tagi", config_cls=TagiConfig, model_cls=TagiModel, prefix="tagi_")
@@ -40,8 +42,12 @@ __version__ = "0.1.0"
 __all__ = [
     "TAGI_TARGET_MODULES_MAPPING",
     "TagiConfig",
+    "TagiDataCollator",
     "TagiHypernetwork",
     "TagiLinear",
     "TagiModel",
+    "TagiTrainer",
+    "TagiTrainingArguments",
     "TaskAdapter",
+    "TaskWeights",
 ]

@@ -38,8 +38,13 @@ class EncodedInstructions:
 
 
 @dataclass
-class _ActiveTask:
-    """What the layers and the fusion hook currently apply."""
+class TaskWeights:
+    """LoRA weights for the rows of a batch, as the TAGI layers and the fusion hook apply them.
+
+    Produced by the hypernetwork (`task_weights_from_instructions`), a `TaskAdapter` or a bank of teacher LoRAs;
+    applied with `TagiModel.apply_task_weights`. `states` (instruction fusion) is None when the decoder should not
+    see an instruction.
+    """
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
     row_index: torch.Tensor | None  # (batch,) or None for one task
@@ -82,9 +87,9 @@ class TagiModel(BaseTuner):
                 f"task_type='CAUSAL_LM' does not fit the encoder-decoder model {type(model).__name__}. "
                 "Use TagiConfig(task_type='SEQ_2_SEQ_LM')."
             )
-        self._active: _ActiveTask | None = None
-        self._task_adapter: TaskAdapter | None = None
+        self._active: TaskWeights | None = None
         self._adapters_enabled = True
+        self.last_task_weights: TaskWeights | None = None
         self._fusion_handle = None
         self._layers: dict[str, TagiLinear] = {}
 
@@ -141,9 +146,11 @@ class TagiModel(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        marker = f"tagi_hypernetwork.{adapter_name}."
-        if marker in key:
-            return key.replace(marker, "tagi_hypernetwork.", 1)
+        # Model-level containers are ModuleDicts keyed by adapter name; checkpoints store them without it.
+        for container in ("tagi_hypernetwork", "tagi_teachers"):
+            marker = f"{container}.{adapter_name}."
+            if marker in key:
+                return key.replace(marker, f"{container}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     # ------------------------------------------------------------------ properties
@@ -234,7 +241,7 @@ class TagiModel(BaseTuner):
         return EncodedInstructions(unique_ids, unique_mask, states, row_index)
 
     # ------------------------------------------------------------------ installing task weights
-    def _install(self, active: _ActiveTask | None) -> None:
+    def _install(self, active: TaskWeights | None) -> None:
         for name, layer in self._layers.items():
             if active is None:
                 layer.set_task_weights(None, None)
@@ -242,19 +249,27 @@ class TagiModel(BaseTuner):
                 layer.set_task_weights(*active.weights[name], active.row_index)
         self._active = active
 
-    def _from_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _ActiveTask:
+    def task_weights_from_instructions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> TaskWeights:
+        """Encode instructions (batch, S) and generate their LoRA weights, with gradients to the hypernetwork."""
         encoded = self.encode_instructions(input_ids, attention_mask)
         weights = self.hypernetwork(encoded.states, encoded.attention_mask)
         _check_finite(weights)
         fusion = self.tagi_config.instruction_fusion
-        return _ActiveTask(
+        return TaskWeights(
             weights=weights,
             row_index=encoded.row_index,
             states=encoded.states if fusion else None,
             states_mask=encoded.attention_mask if fusion else None,
         )
 
-    def _from_task_adapter(self, adapter: TaskAdapter) -> _ActiveTask:
+    def task_weights_from_adapter(self, adapter: TaskAdapter, fusion: bool | None = None) -> TaskWeights:
+        """The weights of a `TaskAdapter` (or any LoRA of the same targets) for every row of a batch.
+
+        `fusion=None` follows the config; `fusion=False` applies the LoRA alone (e.g. a teacher that reads the
+        instruction in its input), with no instruction states for the decoder.
+        """
         names, expected = set(adapter.lora_A), set(self._layers)
         if names != expected:
             raise ValueError(
@@ -275,7 +290,7 @@ class TagiModel(BaseTuner):
             weights[name] = (lora_A.to(device)[None], (lora_B.to(device) * ratio)[None])
         _check_finite(weights)
         states = mask = None
-        if self.tagi_config.instruction_fusion:
+        if self.tagi_config.instruction_fusion and fusion is not False:
             if adapter.instruction_states is None:
                 raise ValueError(
                     "This model uses instruction fusion but the TaskAdapter has no instruction states (it was "
@@ -284,7 +299,7 @@ class TagiModel(BaseTuner):
                 )
             states = adapter.instruction_states.to(device)[None]
             mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
-        return _ActiveTask(weights=weights, row_index=None, states=states, states_mask=mask)
+        return TaskWeights(weights=weights, row_index=None, states=states, states_mask=mask)
 
     @contextmanager
     def _task_context(
@@ -314,12 +329,25 @@ class TagiModel(BaseTuner):
                 f"The batch has {batch_size} inputs but {instruction_input_ids.shape[0]} instructions: pass exactly "
                 "one instruction row per input row (repeat the instruction for inputs of the same task)."
             )
-        previous = self._active
-        self._install(self._from_instructions(instruction_input_ids, instruction_attention_mask))
-        try:
+        task_weights = self.task_weights_from_instructions(instruction_input_ids, instruction_attention_mask)
+        # Kept for losses on the generated weights (TagiTrainer's ΔW alignment) after the forward pass.
+        self.last_task_weights = task_weights
+        with self.apply_task_weights(task_weights):
             yield
+
+    @contextmanager
+    def apply_task_weights(self, task_weights: TaskWeights) -> Iterator[TaskWeights]:
+        """Apply `task_weights` to every call inside the block, then restore what was applied before."""
+        previous = self._active
+        self._install(task_weights)
+        try:
+            yield task_weights
         finally:
-            self._install(previous)
+            if any(layer.merged for layer in self._layers.values()):
+                # merge_and_unload() inside the block: the weights now live in the base model.
+                self._active = previous
+            else:
+                self._install(previous)
 
     def _fusion_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         active = self._active
@@ -410,18 +438,8 @@ class TagiModel(BaseTuner):
         """Apply a cached `TaskAdapter` to every call inside the block; no instruction ids are needed there."""
         if not isinstance(adapter, TaskAdapter):
             raise TypeError(f"use_adapter expects a TaskAdapter, got {type(adapter).__name__}.")
-        previous, previous_adapter = self._active, self._task_adapter
-        self._install(self._from_task_adapter(adapter))
-        self._task_adapter = adapter
-        try:
+        with self.apply_task_weights(self.task_weights_from_adapter(adapter)):
             yield adapter
-        finally:
-            if any(layer.merged for layer in self._layers.values()):
-                # merge_and_unload() inside the block: the weights now live in the base model.
-                self._active, self._task_adapter = previous, previous_adapter
-            else:
-                self._install(previous)
-                self._task_adapter = previous_adapter
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         if merge:

@@ -1,0 +1,79 @@
+"""Distillation losses: temperature-scaled KL on label tokens, and ΔW alignment computed in low-rank form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def label_token_logits(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Logits (N, L, V) at the positions that predict a label token (labels != -100) -> (K, V).
+
+    For a causal LM the logit at position t predicts token t + 1, so positions are shifted; the label tokens come out
+    in the same order for a student and a teacher that share the label sequence, whatever their prompts.
+    """
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits[labels != -100]
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(teacher_T ‖ student_T), averaged over tokens. Inputs: (K, V) label-token logits, same order.
+
+    The T² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student and teacher label-token logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}. The teacher must share the vocabulary and see the same labels."
+        )
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature**2
+
+
+def lowrank_delta_distance(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ref_A: torch.Tensor,
+    ref_B: torch.Tensor,
+    ref_scaling: float,
+) -> torch.Tensor:
+    """‖s·B·A − s'·B'·A'‖²_F per task, from r×r Gram matrices: no (out × in) product is ever formed.
+
+    Shapes: A (T, r, in), B (T, out, r), A' (T, r', in), B' (T, out, r') -> (T,).
+    ‖BA‖² = ⟨BᵀB, AAᵀ⟩ and ⟨BA, B'A'⟩ = ⟨BᵀB', AA'ᵀ⟩, each an r×r (or r×r') inner product. Aligning ΔW rather than
+    A and B separately is gauge-invariant: (A, B) -> (M·A, B·M⁻¹) leaves the loss unchanged.
+    """
+    gram_B = lora_B.transpose(1, 2) @ lora_B  # (T, r, r)
+    gram_A = lora_A @ lora_A.transpose(1, 2)
+    ref_gram_B = ref_B.transpose(1, 2) @ ref_B  # (T, r', r')
+    ref_gram_A = ref_A @ ref_A.transpose(1, 2)
+    cross_B = lora_B.transpose(1, 2) @ ref_B  # (T, r, r')
+    cross_A = lora_A @ ref_A.transpose(1, 2)  # (T, r, r')
+    own = (gram_B * gram_A).sum((1, 2)) * scaling**2
+    ref = (ref_gram_B * ref_gram_A).sum((1, 2)) * ref_scaling**2
+    cross = (cross_B * cross_A).sum((1, 2)) * (scaling * ref_scaling)
+    return (own + ref - 2 * cross).clamp_min(0.0)
+
+
+def delta_alignment_loss(
+    generated: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    ref_scaling: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over tasks (where `valid`, shape (T,)) of the mean over modules of ‖ΔW_gen − ΔW_ref‖²_F."""
+    distances = torch.stack(
+        [lowrank_delta_distance(*generated[name], scaling, *reference[name], ref_scaling) for name in generated]
+    ).mean(0)  # (T,)
+    if valid is not None:
+        if not valid.any():
+            return distances.sum() * 0.0
+        distances = distances[valid]
+    return distances.mean()

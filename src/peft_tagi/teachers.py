@@ -1,0 +1,136 @@
+"""Teacher LoRAs of stage 1: the meta-train LoRA (logit teacher) and a bank of per-task LoRAs (parameter teachers).
+
+Both are rows of one `LoraBank`: learned (A, B) pairs for every TAGI target module, applied through the same
+per-example `TagiLinear` layers as generated adapters, so the whole bank trains in one run and one forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import TaskAdapter, atomic_write_dir
+from .hypernetwork import TargetSpec
+from .model import TaskWeights
+
+TEACHERS_INDEX = "teachers.json"
+
+
+def _param_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class LoraBank(nn.Module):
+    """`num_entries` LoRA pairs per target module. Entry e of module m: A (r, in), B (out, r).
+
+    Initialised like PEFT LoRA (A kaiming-uniform, B zero), so every entry starts as the base model.
+    """
+
+    def __init__(self, targets: list[TargetSpec], num_entries: int, r: int) -> None:
+        super().__init__()
+        self.names = [t.name for t in targets]
+        self.num_entries = num_entries
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for spec in targets:
+            bound = 1.0 / math.sqrt(spec.in_features)
+            self.lora_A[_param_key(spec.name)] = nn.Parameter(
+                torch.empty(num_entries, r, spec.in_features).uniform_(-bound, bound)
+            )
+            self.lora_B[_param_key(spec.name)] = nn.Parameter(torch.zeros(num_entries, spec.out_features, r))
+
+    def task_weights(self, entry_index: torch.Tensor) -> TaskWeights:
+        """Weights for a batch whose row i uses entry `entry_index[i]` (shape (batch,)); each entry gathered once."""
+        unique, row_index = torch.unique(entry_index, return_inverse=True)
+        weights = {
+            name: (self.lora_A[_param_key(name)][unique], self.lora_B[_param_key(name)][unique]) for name in self.names
+        }
+        return TaskWeights(weights=weights, row_index=row_index, states=None, states_mask=None)
+
+    def entry_weights(self, entry: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        lora_A = {name: self.lora_A[_param_key(name)][entry].detach().clone() for name in self.names}
+        lora_B = {name: self.lora_B[_param_key(name)][entry].detach().clone() for name in self.names}
+        return lora_A, lora_B
+
+
+class TeacherLoras(nn.Module):
+    """The stage-1 teachers: `meta` (one LoRA reading instruction + input) and `bank` (one LoRA per group)."""
+
+    def __init__(self, targets: list[TargetSpec], group_names: list[str], r: int) -> None:
+        super().__init__()
+        self.group_names = list(group_names)
+        self.meta = LoraBank(targets, 1, r)
+        self.bank = LoraBank(targets, len(group_names), r)
+
+
+def safe_folder_name(name: str) -> str:
+    """A file-system-safe folder name for a task or category (kept readable, made unique by the caller)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "group"
+
+
+def save_teachers(
+    teachers: TeacherLoras,
+    path: str | os.PathLike,
+    *,
+    r: int,
+    lora_alpha: float,
+    task_type: str,
+    fan_in_fan_out: bool,
+    group_by: str,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write every teacher as a standard PEFT LoRA folder, plus `teachers.json` that indexes them.
+
+    Layout: `meta/` (the logit teacher), `bank/<group>/` (one per task or category), `teachers.json`.
+    """
+    path = Path(path)
+
+    def adapter(lora_A, lora_B, instruction=None) -> TaskAdapter:
+        return TaskAdapter(
+            lora_A=lora_A,
+            lora_B=lora_B,
+            r=r,
+            lora_alpha=lora_alpha,
+            task_type=task_type,
+            fan_in_fan_out=fan_in_fan_out,
+            instruction=instruction,
+            base_model_name_or_path=base_model_name_or_path,
+        )
+
+    def write(tmp: Path) -> None:
+        adapter(*teachers.meta.entry_weights(0)).save_lora(tmp / "meta")
+        folders, used = {}, set()
+        for entry, group in enumerate(teachers.group_names):
+            folder = safe_folder_name(group)
+            while folder in used:
+                folder += "_"
+            used.add(folder)
+            folders[group] = f"bank/{folder}"
+            adapter(*teachers.bank.entry_weights(entry)).save_lora(tmp / "bank" / folder)
+        index = {"group_by": group_by, "meta": "meta", "bank": folders, "r": r, "lora_alpha": lora_alpha}
+        (tmp / TEACHERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    atomic_write_dir(path, write, overwrite=overwrite)
+    return path
+
+
+def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter, dict[str, TaskAdapter], str]:
+    """Read a folder written by `save_teachers`: (meta LoRA, {group: bank LoRA}, group_by)."""
+    path = Path(path)
+    index_file = path / TEACHERS_INDEX
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a teachers folder (no {TEACHERS_INDEX}); run the 'teachers' stage first and pass its "
+            "output folder as teachers=."
+        )
+    index = json.loads(index_file.read_text())
+    meta = TaskAdapter.load(path / index["meta"])
+    bank = {group: TaskAdapter.load(path / folder) for group, folder in index["bank"].items()}
+    return meta, bank, index["group_by"]

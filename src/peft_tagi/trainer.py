@@ -1,0 +1,405 @@
+"""`TagiTrainer`: TAGI's three training stages (teachers, hypernetwork pretraining, distillation) on `transformers`."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.utils import logging
+
+from .data.collator import STUDENT_KEYS, TagiDataCollator
+from .hypernetwork import TargetSpec
+from .losses import delta_alignment_loss, kd_kl_loss, label_token_logits
+from .model import TagiModel, TaskWeights
+from .teachers import TeacherLoras, load_teachers, save_teachers
+
+logger = logging.get_logger(__name__)
+
+STAGES = ("teachers", "pretrain", "distill")
+
+
+@dataclass
+class TagiTrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` plus TAGI's stage and loss weights.
+
+    Args:
+        stage (`str`): `"teachers"` (meta-train LoRA + bank of per-task LoRAs), `"pretrain"` (hypernetwork on plain
+            text split into instruction/input/target, cross-entropy only) or `"distill"` (hypernetwork with
+            CE + KL to the logit teacher + ΔW alignment to the parameter teachers).
+        kd_temperature (`float`): softmax temperature T of the KL term (scaled by T²).
+        lambda_ce (`float`): weight of the cross-entropy term.
+        lambda_kl (`float`): weight of KL(teacher_T ‖ student_T) over label tokens (the paper uses 5).
+        lambda_ins (`str` or `float`): weight of ‖ΔW_gen − ΔW_teacher‖²_F; `"sigmoid"` uses sigmoid(L_ins) as in the
+            paper, a number uses that constant, 0 disables the term.
+        group_by (`str`): what the bank of parameter teachers is indexed by: `"task_name"` or `"category"`.
+        teachers_output_dir (`str`, *optional*): where stage `teachers` writes its LoRA folders; defaults to
+            `<output_dir>/teachers`. An existing non-empty folder is only replaced with `overwrite_teachers=True`.
+        overwrite_teachers (`bool`): allow replacing an existing teachers folder.
+    """
+
+    stage: str = field(default="distill", metadata={"help": "teachers | pretrain | distill"})
+    kd_temperature: float = field(default=2.0, metadata={"help": "KL temperature."})
+    lambda_ce: float = field(default=1.0, metadata={"help": "Cross-entropy weight."})
+    lambda_kl: float = field(default=5.0, metadata={"help": "KL weight."})
+    lambda_ins: Any = field(default="sigmoid", metadata={"help": "'sigmoid' or a float: ΔW alignment weight."})
+    group_by: str = field(default="task_name", metadata={"help": "Bank index: task_name | category."})
+    teachers_output_dir: str | None = field(default=None, metadata={"help": "Teacher LoRA folders (stage teachers)."})
+    overwrite_teachers: bool = field(default=False, metadata={"help": "Replace an existing teachers folder."})
+    # The collator needs the raw text columns, which a model's forward signature does not name.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False for TAGI data."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage not in STAGES:
+            raise ValueError(f"TagiTrainingArguments.stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        if self.group_by not in ("task_name", "category"):
+            raise ValueError(
+                f"TagiTrainingArguments.group_by must be 'task_name' or 'category', got {self.group_by!r}."
+            )
+        if isinstance(self.lambda_ins, str) and self.lambda_ins != "sigmoid":
+            try:
+                self.lambda_ins = float(self.lambda_ins)
+            except ValueError:
+                raise ValueError(
+                    f"TagiTrainingArguments.lambda_ins must be 'sigmoid' or a number, got {self.lambda_ins!r}."
+                ) from None
+        for name in ("kd_temperature",):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TagiTrainingArguments.{name} must be positive, got {getattr(self, name)!r}.")
+        for name in ("lambda_ce", "lambda_kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TagiTrainingArguments.{name} must be >= 0, got {getattr(self, name)!r}.")
+        if not isinstance(self.lambda_ins, str) and self.lambda_ins < 0:
+            raise ValueError(f"TagiTrainingArguments.lambda_ins must be 'sigmoid' or >= 0, got {self.lambda_ins!r}.")
+
+
+def tagi_model_of(model: torch.nn.Module) -> TagiModel:
+    """The `TagiModel` inside a PeftModel (possibly wrapped by DDP)."""
+    model = getattr(model, "module", model)
+    inner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(inner, TagiModel):
+        raise TypeError(
+            f"TagiTrainer needs a TAGI model (get_peft_model(base, TagiConfig(...))), got {type(model).__name__}."
+        )
+    return inner
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+class TagiTrainer(Seq2SeqTrainer):
+    """Trains a TAGI model in one of three stages (`args.stage`).
+
+    Args:
+        model: a `PeftModel` made with `get_peft_model(base, TagiConfig(...))`.
+        args (`TagiTrainingArguments`): the stage and loss weights among the usual training arguments.
+        teachers (`str`, *optional*): stage `distill` only: the folder written by stage `teachers`. Its meta-train
+            LoRA gives the teacher logits on the same frozen base (no second copy of the base model), its bank the
+            ΔW targets.
+        teacher_model (*optional*): stage `distill` only: a separate model with the same vocabulary that reads
+            instruction + input and gives the teacher logits instead of the meta-train LoRA.
+        Other arguments are `Seq2SeqTrainer`'s. `data_collator` defaults to a `TagiDataCollator` on
+        `processing_class`.
+    """
+
+    # compute_loss returns a per-batch mean, so the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TagiTrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        teachers: str | os.PathLike | None = None,
+        teacher_model: torch.nn.Module | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        **kwargs,
+    ) -> None:
+        if not isinstance(args, TagiTrainingArguments):
+            raise TypeError("TagiTrainer needs TagiTrainingArguments (they carry the stage and loss weights).")
+        tagi = tagi_model_of(model)
+        self.causal = not tagi.model.config.is_encoder_decoder
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self.teacher_model = teacher_model
+        self._meta_adapter = None
+        self._bank_adapters: dict[str, Any] = {}
+        group_names: list[str] = []
+        group_by = args.group_by
+
+        if args.stage == "teachers":
+            if train_dataset is None:
+                raise ValueError("Stage 'teachers' needs a train_dataset (one LoRA is trained per task or category).")
+            values = train_dataset[group_by]
+            if any(not v for v in values):
+                raise ValueError(f"Some training examples have an empty {group_by!r}; every example needs one.")
+            group_names = sorted(set(values))
+        elif args.stage == "distill":
+            needs_kl = args.lambda_kl > 0 and teacher_model is None
+            needs_ins = args.lambda_ins == "sigmoid" or args.lambda_ins > 0
+            if teachers is None and (needs_kl or needs_ins):
+                raise ValueError(
+                    "Stage 'distill' with lambda_kl > 0 or lambda_ins needs teachers= (the folder written by stage "
+                    "'teachers') or, for the KL term, teacher_model=. Set lambda_kl=0 and lambda_ins=0 to train "
+                    "with cross-entropy only."
+                )
+            if teachers is not None:
+                self._meta_adapter, self._bank_adapters, group_by = load_teachers(teachers)
+                group_names = list(self._bank_adapters)
+
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("Pass data_collator= or processing_class= (a tokenizer) to build a TagiDataCollator.")
+            data_collator = TagiDataCollator(processing_class, causal=self.causal)
+        if isinstance(data_collator, TagiDataCollator) and group_names and data_collator.group_index is None:
+            data_collator.group_index = {name: i for i, name in enumerate(group_names)}
+            data_collator.group_by = group_by
+        self.group_names = group_names
+
+        self._set_trainable(tagi, args.stage, group_names)
+        if compute_metrics is None and args.predict_with_generate and processing_class is not None:
+            compute_metrics = self._generation_metrics
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            **kwargs,
+        )
+        self._prepare_teachers(tagi)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str]) -> None:
+        adapter_name = tagi.active_adapters[0]
+        if stage == "teachers":
+            targets = [TargetSpec(n, m.in_features, m.out_features) for n, m in tagi._layers.items()]
+            device = tagi.model.get_input_embeddings().weight.device
+            teachers = TeacherLoras(targets, group_names, tagi.tagi_config.r).to(device)
+            tagi.tagi_teachers = torch.nn.ModuleDict({adapter_name: teachers})
+            tagi.tagi_hypernetwork.requires_grad_(False)
+        else:
+            if "tagi_teachers" in tagi._modules:
+                del tagi.tagi_teachers
+            tagi.tagi_hypernetwork.requires_grad_(True)
+
+    def _prepare_teachers(self, tagi: TagiModel) -> None:
+        device = self.args.device
+        self._meta_weights: TaskWeights | None = None
+        self._bank_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self._meta_adapter is not None and self.teacher_model is None:
+            # The meta-train teacher reads instruction + input itself: no fusion states.
+            self._meta_weights = tagi.task_weights_from_adapter(self._meta_adapter.to(device), fusion=False)
+        if self._bank_adapters:
+            for name in tagi._layers:
+                lora_A = torch.stack([a.lora_A[name] for a in self._bank_adapters.values()]).to(device)
+                lora_B = torch.stack([a.lora_B[name] for a in self._bank_adapters.values()]).to(device)
+                self._bank_weights[name] = (lora_A, lora_B)
+            self._bank_scaling = next(iter(self._bank_adapters.values())).scaling
+        if self.teacher_model is not None:
+            self.teacher_model.to(device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ losses
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.stage == "teachers" and model.training:
+            loss, outputs = self._teachers_loss(model, inputs)
+            return (loss, outputs) if return_outputs else loss
+        student = {k: inputs[k] for k in STUDENT_KEYS if k in inputs}
+        outputs = model(**student)
+        ce = outputs.loss
+        loss = self.args.lambda_ce * ce
+        terms = {"ce": ce}
+        if self.args.stage == "distill" and model.training:
+            if self.args.lambda_kl > 0:
+                kl = self._kl_term(model, inputs, outputs.logits)
+                loss = loss + self.args.lambda_kl * kl
+                terms["kl"] = kl
+            if self._bank_weights and (self.args.lambda_ins == "sigmoid" or self.args.lambda_ins > 0):
+                ins = self._alignment_term(tagi_model_of(model), inputs["task_index"])
+                weight = torch.sigmoid(ins.detach()) if self.args.lambda_ins == "sigmoid" else self.args.lambda_ins
+                loss = loss + weight * ins
+                terms["ins"] = ins
+        if model.training:
+            self._record(terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher_batch(self, inputs) -> dict[str, torch.Tensor]:
+        labels = inputs["teacher_labels"] if self.causal else inputs["labels"]
+        return {
+            "input_ids": inputs["teacher_input_ids"],
+            "attention_mask": inputs["teacher_attention_mask"],
+            "labels": labels,
+        }
+
+    def _kl_term(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
+        teacher_batch = self._teacher_batch(inputs)
+        was_training = model.training
+        model.eval()  # no dropout in the teacher
+        try:
+            with torch.no_grad():
+                if self.teacher_model is not None:
+                    teacher_logits = self.teacher_model(**teacher_batch).logits
+                else:
+                    with tagi_model_of(model).apply_task_weights(self._meta_weights):
+                        teacher_logits = model(**teacher_batch).logits
+        finally:
+            model.train(was_training)
+        student = label_token_logits(student_logits, inputs["labels"], self.causal)
+        teacher = label_token_logits(teacher_logits, teacher_batch["labels"], self.causal)
+        return kd_kl_loss(student, teacher, self.args.kd_temperature)
+
+    def _alignment_term(self, tagi: TagiModel, task_index: torch.Tensor) -> torch.Tensor:
+        generated = tagi.last_task_weights
+        n_tasks = next(iter(generated.weights.values()))[0].shape[0]
+        group_of_task = torch.full((n_tasks,), -1, dtype=torch.long, device=task_index.device)
+        group_of_task[generated.row_index] = task_index
+        valid = group_of_task >= 0
+        index = group_of_task.clamp_min(0)
+        reference = {name: (a[index], b[index]) for name, (a, b) in self._bank_weights.items()}
+        return delta_alignment_loss(
+            generated.weights, reference, tagi.tagi_config.scaling, self._bank_scaling, valid=valid
+        )
+
+    def _teachers_loss(self, model, inputs):
+        """Meta-train LoRA (instruction + input) and bank LoRAs (input only) in one forward pass of 2N rows."""
+        tagi = tagi_model_of(model)
+        teachers = tagi.tagi_teachers[tagi.active_adapters[0]]
+        task_index = inputs["task_index"]
+        if (task_index < 0).any():
+            raise ValueError("A training example's task is not in the teacher bank; rebuild the trainer on this data.")
+        meta_rows = self._teacher_batch(inputs)
+        bank_rows = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        bank_rows["labels"] = inputs["labels"]
+        width = max(meta_rows["input_ids"].shape[1], bank_rows["input_ids"].shape[1])
+        pad_id = tagi.model.config.pad_token_id or 0
+        label_width = max(meta_rows["labels"].shape[1], bank_rows["labels"].shape[1])
+        batch = {
+            "input_ids": torch.cat([_pad_right(r["input_ids"], width, pad_id) for r in (meta_rows, bank_rows)]),
+            "attention_mask": torch.cat([_pad_right(r["attention_mask"], width, 0) for r in (meta_rows, bank_rows)]),
+        }
+        labels = torch.cat([_pad_right(r["labels"], label_width, -100) for r in (meta_rows, bank_rows)])
+        if self.causal:
+            width = max(width, label_width)
+            batch = {k: _pad_right(v, width, pad_id if k == "input_ids" else 0) for k, v in batch.items()}
+            labels = _pad_right(labels, width, -100)
+        batch["labels"] = labels
+        meta = teachers.meta.task_weights(torch.zeros_like(task_index))
+        bank = teachers.bank.task_weights(task_index)
+        weights = {n: (torch.cat([meta.weights[n][0], bank.weights[n][0]]), torch.cat([meta.weights[n][1], bank.weights[n][1]])) for n in meta.weights}  # fmt: skip
+        row_index = torch.cat([torch.zeros_like(task_index), bank.row_index + 1])
+        with tagi.apply_task_weights(TaskWeights(weights, row_index, None, None)):
+            outputs = model(**batch)
+        n = task_index.shape[0]
+        token_logits = label_token_logits(outputs.logits, labels, self.causal)
+        token_labels = labels[:, 1:] if self.causal else labels
+        is_meta = torch.zeros_like(token_labels, dtype=torch.bool)
+        is_meta[:n] = True
+        is_meta = is_meta[token_labels != -100]
+        targets = token_labels[token_labels != -100]
+        ce_meta = F.cross_entropy(token_logits[is_meta].float(), targets[is_meta])
+        ce_bank = F.cross_entropy(token_logits[~is_meta].float(), targets[~is_meta])
+        self._record({"ce_meta": ce_meta, "ce_bank": ce_bank})
+        return ce_meta + ce_bank, outputs
+
+    def _record(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            self._term_sums[name] += float(value.detach())
+            self._term_counts[name] += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._term_counts:
+            for name, total in self._term_sums.items():
+                logs[f"loss_{name}"] = round(total / self._term_counts[name], 6)
+            self._term_sums.clear()
+            self._term_counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ outputs
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.args.stage == "teachers" and self.is_world_process_zero():
+            self.save_teachers()
+        return result
+
+    def save_teachers(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the meta-train LoRA and every bank LoRA as standard PEFT LoRA folders (stage 'teachers')."""
+        tagi = tagi_model_of(self.model)
+        if "tagi_teachers" not in tagi._modules:
+            raise ValueError("No teachers to save: this trainer is not in stage 'teachers'.")
+        path = Path(path or self.args.teachers_output_dir or Path(self.args.output_dir) / "teachers")
+        config = tagi.tagi_config
+        task_type = config.task_type.value if hasattr(config.task_type, "value") else str(config.task_type)
+        saved = save_teachers(
+            tagi.tagi_teachers[tagi.active_adapters[0]],
+            path,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            task_type=task_type,
+            fan_in_fan_out=any(layer.fan_in_fan_out for layer in tagi._layers.values()),
+            group_by=self.args.group_by,
+            base_model_name_or_path=getattr(tagi.model, "name_or_path", None) or None,
+            overwrite=self.args.overwrite_teachers,
+        )
+        logger.info(f"Wrote the meta-train LoRA and {len(self.group_names)} bank LoRAs to {saved}")
+        return saved
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """Loss on the student's inputs and, with `predict_with_generate`, generation from them."""
+        inputs = self._prepare_inputs(inputs)
+        student = {k: inputs[k] for k in STUDENT_KEYS if k in inputs}
+        labels = student.get("labels")
+        with torch.no_grad():
+            loss = model(**student).loss.detach() if labels is not None else None
+        if prediction_loss_only or not self.args.predict_with_generate:
+            return loss, None, labels
+        if self.causal:
+            raise ValueError(
+                "predict_with_generate is supported for seq2seq TAGI models; evaluate decoder-only by loss."
+            )
+        kwargs = dict(getattr(self, "_gen_kwargs", {}) or {})
+        kwargs.update(gen_kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if "max_length" not in kwargs and "max_new_tokens" not in kwargs:
+            kwargs["max_new_tokens"] = self.args.generation_max_length or 32
+        generation_inputs = {k: v for k, v in student.items() if k != "labels"}
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            tokens = unwrapped.generate(**generation_inputs, **kwargs)
+        return loss, tokens, labels
+
+    def _generation_metrics(self, eval_prediction) -> dict[str, float]:
+        """SNI ROUGE-L and exact match (Tk-Instruct normalisation), mean and per task."""
+        from .metrics import compute_sni_metrics
+
+        tokenizer = self.processing_class
+        predictions = np.where(eval_prediction.predictions < 0, tokenizer.pad_token_id, eval_prediction.predictions)
+        labels = np.where(eval_prediction.label_ids < 0, tokenizer.pad_token_id, eval_prediction.label_ids)
+        texts = [t.strip() for t in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
+        references = [[t.strip()] for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        task_names = None
+        dataset = self.eval_dataset
+        if dataset is not None and not isinstance(dataset, dict) and len(dataset) == len(texts):
+            if "references" in dataset.column_names:
+                references = [list(r) for r in dataset["references"]]
+            task_names = list(dataset["task_name"])
+        scores = compute_sni_metrics(texts, references, task_names)
+        metrics = {"rougeL": scores["rougeL"], "exact_match": scores["exact_match"]}
+        for task, task_scores in scores.get("per_task", {}).items():
+            metrics[f"rougeL_{task}"] = task_scores["rougeL"]
+            metrics[f"exact_match_{task}"] = task_scores["exact_match"]
+        return metrics
