@@ -210,6 +210,19 @@ class TaskAdapter:
             metadata=meta.get("metadata") or {},
         )
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Push as a standard PEFT LoRA repo with a model card; see `peft_tagi.hub.push_task_adapter`."""
+        from .hub import push_task_adapter
+
+        return push_task_adapter(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, **kwargs) -> TaskAdapter:
+        """Load from a local folder or a Hub repo; see `peft_tagi.hub.task_adapter_from_pretrained`."""
+        from .hub import task_adapter_from_pretrained
+
+        return task_adapter_from_pretrained(repo_id_or_path, **kwargs)
+
 
 def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     try:
