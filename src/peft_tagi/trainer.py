@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.utils import logging
 
-from .data.collator import STUDENT_KEYS, TagiDataCollator
+from .data.collator import EXAMPLE_KEYS, STUDENT_KEYS, TagiDataCollator
 from .hypernetwork import TargetSpec
 from .losses import delta_alignment_loss, kd_kl_loss, label_token_logits
 from .model import TagiModel, TaskWeights
@@ -213,6 +213,11 @@ class TagiTrainer(Seq2SeqTrainer):
             self._bank_scaling = next(iter(self._bank_adapters.values())).scaling
         if self.teacher_model is not None:
             self.teacher_model.to(device).eval().requires_grad_(False)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # With remove_unused_columns=True the Trainer keeps only forward() arguments; the collator needs the text.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *EXAMPLE_KEYS]))
 
     # ------------------------------------------------------------------ losses
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

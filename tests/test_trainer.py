@@ -1,0 +1,398 @@
+"""TagiTrainer: the three stages, their losses, the collator, accumulation, resuming and DDP."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import sys
+import textwrap
+
+import datasets
+import pytest
+import torch
+from conftest import run_python, tiny_gpt2, tiny_t5, toy_examples, word_tokenizer
+from peft import PeftModel, get_peft_model
+
+from peft_tagi import TagiConfig, TagiDataCollator, TagiTrainer, TagiTrainingArguments
+from peft_tagi.data.pretraining import pretraining_dataset, split_pretraining_text
+from peft_tagi.losses import delta_alignment_loss, kd_kl_loss, lowrank_delta_distance
+from peft_tagi.teachers import load_teachers
+
+
+def tagi_t5(seed: int = 0, **config):
+    config = {"r": 4, "lora_alpha": 8, "hypernetwork_hidden_size": 32, "module_embedding_dim": 8, **config}
+    return get_peft_model(tiny_t5(seed), TagiConfig(task_type="SEQ_2_SEQ_LM", **config))
+
+
+def args_for(tmp_path, stage, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / stage), stage=stage, max_steps=4, per_device_train_batch_size=4, report_to=[],
+        logging_steps=1, save_strategy="no", learning_rate=1e-2, use_cpu=True, disable_tqdm=True, seed=0,
+        data_seed=0, lr_scheduler_type="constant",
+    )  # fmt: skip
+    defaults.update(kw)
+    return TagiTrainingArguments(**defaults)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return datasets.Dataset.from_list(toy_examples())
+
+
+@pytest.fixture(scope="module")
+def teachers_dir(tmp_path_factory, toy):
+    root = tmp_path_factory.mktemp("teachers")
+    trainer = TagiTrainer(
+        model=tagi_t5(),
+        args=args_for(root, "teachers", max_steps=6),
+        train_dataset=toy,
+        processing_class=word_tokenizer(),
+    )
+    trainer.train()
+    return root / "teachers" / "teachers"
+
+
+# ---------------------------------------------------------------- 1. collator
+
+
+def test_collator_pads_every_field_and_indexes_tasks():
+    tok = word_tokenizer()
+    rows = toy_examples(1)
+    collator = TagiDataCollator(tok, group_index={"reverse": 0, "copy": 3})
+    batch = collator(rows)
+    n = len(rows)
+    for key in ("instruction_input_ids", "input_ids", "labels", "teacher_input_ids"):
+        assert batch[key].shape[0] == n
+    assert batch["instruction_attention_mask"].shape == batch["instruction_input_ids"].shape
+    assert (batch["labels"] == -100).any()  # outputs differ in length: padded with -100, never with pad ids
+    assert not (batch["labels"] == tok.pad_token_id).any()
+    teacher_text = tok.decode(batch["teacher_input_ids"][0], skip_special_tokens=True)
+    assert teacher_text == f"{rows[0]['instruction']} {rows[0]['input']}"
+    assert batch["task_index"].tolist() == [0, -1, -1, 3]
+    with pytest.raises(ValueError, match="lacks \\['instruction'\\]"):
+        collator([{"task_name": "x", "input": "a", "output": "b"}])
+
+
+def test_causal_collator_masks_the_prompt():
+    tok = word_tokenizer()
+    rows = toy_examples(1)[:2]
+    batch = TagiDataCollator(tok, causal=True)(rows)
+    for i, row in enumerate(rows):
+        target = batch["labels"][i][batch["labels"][i] != -100]
+        assert tok.decode(target, skip_special_tokens=True) == row["output"]
+        prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()][: -target.numel()]
+        assert tok.decode(prompt, skip_special_tokens=True) == row["input"]
+    n_target = (batch["labels"] != -100).sum(1)
+    assert torch.equal(n_target, (batch["teacher_labels"] != -100).sum(1))
+
+
+def test_no_column_is_dropped_even_with_remove_unused_columns(tmp_path, toy):
+    seen = []
+    tok = word_tokenizer()
+
+    class Recording(TagiDataCollator):
+        def __call__(self, features):
+            seen.append(set(features[0]))
+            return super().__call__(features)
+
+    args = args_for(tmp_path, "pretrain", max_steps=1, remove_unused_columns=True)
+    TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, data_collator=Recording(tok)).train()
+    assert seen and {"task_name", "instruction", "input", "output", "category", "choices", "references"} <= seen[0]
+
+
+# ---------------------------------------------------------------- 2. teachers
+
+
+def test_teachers_stage_writes_plain_lora_folders(tmp_path, toy, teachers_dir):
+    index = json.loads((teachers_dir / "teachers.json").read_text())
+    assert set(index["bank"]) == {"reverse", "first_two", "last_two", "copy"} and index["group_by"] == "task_name"
+    meta, bank, group_by = load_teachers(teachers_dir)
+    assert group_by == "task_name" and set(bank) == set(index["bank"])
+    name = meta.target_modules[0]
+    assert meta.lora_B[name].abs().sum() > 0, "the meta-train LoRA did not train"
+    assert not torch.allclose(bank["reverse"].lora_B[name], bank["copy"].lora_B[name]), "bank entries are shared"
+    # every folder is a standard LoRA that plain peft loads, with the same effect as in the TAGI layers
+    tok = word_tokenizer()
+    batch = TagiDataCollator(tok)(toy_examples(1)[:2])
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    model = tagi_t5()
+    weights = model.base_model.task_weights_from_adapter(bank["reverse"], fusion=False)
+    with model.base_model.apply_task_weights(weights), torch.no_grad():
+        expected = model(**plain).logits
+    for folder in ["meta", index["bank"]["reverse"]]:
+        loaded = PeftModel.from_pretrained(tiny_t5(), teachers_dir / folder)
+        assert loaded.peft_config["default"].peft_type == "LORA"
+    loaded = PeftModel.from_pretrained(tiny_t5(), teachers_dir / index["bank"]["reverse"]).eval()
+    with torch.no_grad():
+        assert (loaded(**plain).logits - expected).abs().max() <= 1e-5
+
+
+def test_teachers_grouped_by_category(tmp_path, toy):
+    args = args_for(tmp_path, "teachers", max_steps=1, group_by="category")
+    trainer = TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, processing_class=word_tokenizer())
+    trainer.train()
+    _, bank, group_by = load_teachers(tmp_path / "teachers" / "teachers")
+    assert group_by == "category" and set(bank) == {"order", "select"}
+
+
+def test_teachers_folder_is_not_overwritten(tmp_path, toy):
+    (tmp_path / "teachers" / "teachers").mkdir(parents=True)
+    (tmp_path / "teachers" / "teachers" / "keep.txt").write_text("mine")
+    trainer = TagiTrainer(
+        model=tagi_t5(),
+        args=args_for(tmp_path, "teachers", max_steps=1),
+        train_dataset=toy,
+        processing_class=word_tokenizer(),
+    )
+    with pytest.raises(FileExistsError, match="overwrite"):
+        trainer.train()
+    assert (tmp_path / "teachers" / "teachers" / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- 3. pretraining
+
+
+def test_pretraining_split_is_deterministic_and_covers_the_text():
+    text = " ".join(f"w{i}" for i in range(20))
+    a = split_pretraining_text(text, seed=3, index=7)
+    assert a == split_pretraining_text(text, seed=3, index=7)
+    assert " ".join([a["instruction"], a["input"], a["output"]]) == text
+    others = {split_pretraining_text(text, seed=s, index=7)["instruction"] for s in range(10)}
+    assert len(others) > 1
+    assert split_pretraining_text("too short", seed=0, index=0) is None
+    source = datasets.Dataset.from_dict({"body": [text, "short", text + " more words here"]})
+    ds = pretraining_dataset(source, text_column="body", seed=1)
+    assert len(ds) == 2 and ds[0]["task_name"] == "pretrain"
+    assert ds.to_list() == pretraining_dataset(source, text_column="body", seed=1).to_list()
+    with pytest.raises(ValueError, match="no column 'text'"):
+        pretraining_dataset(source)
+
+
+def test_pretrain_stage_trains_only_the_hypernetwork(tmp_path):
+    text = ["cat dog sun red blue tree milk fish bird green one word list"] * 8
+    ds = pretraining_dataset(datasets.Dataset.from_dict({"text": text}))
+    model = tagi_t5()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    TagiTrainer(
+        model=model, args=args_for(tmp_path, "pretrain"), train_dataset=ds, processing_class=word_tokenizer()
+    ).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("tagi_hypernetwork" in n for n in changed)
+
+
+# ---------------------------------------------------------------- 4. distillation losses
+
+
+def test_lowrank_delta_distance_equals_dense():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 4, 10, generator=g), torch.randn(3, 7, 4, generator=g)
+    A2, B2 = torch.randn(3, 6, 10, generator=g), torch.randn(3, 7, 6, generator=g)
+    dense = ((0.5 * B @ A - 2.0 * B2 @ A2) ** 2).sum((1, 2))
+    assert torch.allclose(lowrank_delta_distance(A, B, 0.5, A2, B2, 2.0), dense, rtol=1e-4)
+    # gauge invariance: (A, B) -> (M A, B M^-1) leaves the loss unchanged
+    M = torch.randn(4, 4, generator=g) + 4 * torch.eye(4)
+    assert torch.allclose(lowrank_delta_distance(M @ A, B @ torch.linalg.inv(M), 0.5, A2, B2, 2.0), dense, rtol=1e-3)
+    valid = torch.tensor([True, False, True])
+    loss = delta_alignment_loss({"m": (A, B)}, {"m": (A2, B2)}, 0.5, 2.0, valid)
+    assert torch.allclose(loss, dense[valid].mean(), rtol=1e-4)
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(5, 11)
+    assert kd_kl_loss(logits, logits.clone(), 2.0).abs() < 1e-6
+    other = torch.randn(5, 11)
+    kl = kd_kl_loss(logits, other, 2.0)
+    p = torch.softmax(other / 2, -1)
+    expected = (p * (p.log() - torch.log_softmax(logits / 2, -1))).sum(-1).mean() * 4
+    assert kl > 0 and torch.allclose(kl, expected, rtol=1e-5)
+
+
+def test_distill_logs_each_term_and_moves_toward_teachers(tmp_path, toy, teachers_dir):
+    model = tagi_t5()
+    trainer = TagiTrainer(
+        model=model, args=args_for(tmp_path, "distill", max_steps=3), train_dataset=toy,
+        processing_class=word_tokenizer(), teachers=teachers_dir,
+    )  # fmt: skip
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert {"loss_ce", "loss_kl", "loss_ins"} <= set(logged[0])
+    assert logged[0]["loss_kl"] > 0 and logged[0]["loss_ins"] > 0
+    total = logged[0]["loss_ce"] + 5.0 * logged[0]["loss_kl"]
+    assert logged[0]["loss"] > total  # the ΔW term is included with its sigmoid weight
+
+
+def test_distill_teacher_shares_the_base_model(tmp_path, toy, teachers_dir):
+    model = tagi_t5()
+    shape = model.get_base_model().shared.weight.shape
+
+    def embedding_storages():
+        gc.collect()
+        return {
+            obj.untyped_storage().data_ptr()
+            for obj in gc.get_objects()
+            if isinstance(obj, torch.Tensor) and obj.shape == shape
+        }
+
+    before = embedding_storages()
+    trainer = TagiTrainer(
+        model=model, args=args_for(tmp_path, "distill", max_steps=1), train_dataset=toy,
+        processing_class=word_tokenizer(), teachers=teachers_dir,
+    )  # fmt: skip
+    trainer.train()
+    assert embedding_storages() - before == set(), "training made a second copy of the base model's embeddings"
+    assert trainer.teacher_model is None
+
+
+def test_distill_without_teachers_is_explained(tmp_path, toy):
+    with pytest.raises(ValueError, match="needs teachers="):
+        TagiTrainer(
+            model=tagi_t5(), args=args_for(tmp_path, "distill"), train_dataset=toy, processing_class=word_tokenizer()
+        )
+
+
+def test_separate_teacher_model(tmp_path, toy):
+    teacher = tiny_t5(seed=5)
+    trainer = TagiTrainer(
+        model=tagi_t5(), args=args_for(tmp_path, "distill", max_steps=1, lambda_ins=0.0), train_dataset=toy,
+        processing_class=word_tokenizer(), teacher_model=teacher,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.log_history[0]["loss_kl"] > 0
+
+
+def test_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="stage must be one of"):
+        args_for(tmp_path, "finetune")
+    with pytest.raises(ValueError, match="lambda_ins must be 'sigmoid' or a number"):
+        args_for(tmp_path, "distill", lambda_ins="auto")
+    assert args_for(tmp_path, "distill", lambda_ins="0.5").lambda_ins == 0.5
+
+
+# ---------------------------------------------------------------- 5. accumulation and resuming
+
+
+def _hypernetwork_state(model):
+    return {n: p.detach().clone() for n, p in model.base_model.tagi_hypernetwork.named_parameters()}
+
+
+def test_gradient_accumulation_matches_a_full_batch(tmp_path):
+    # equal-length examples so the per-batch mean equals the mean over half batches
+    rows = [r for r in toy_examples(4) if r["task_name"] in ("reverse", "copy")]
+    ds = datasets.Dataset.from_list(rows)
+    states = []
+    for bs, ga in ((4, 1), (2, 2)):
+        model = tagi_t5()
+        args = args_for(
+            tmp_path / f"{bs}", "pretrain", max_steps=2, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+            learning_rate=1e-3, optim="sgd",
+        )  # fmt: skip
+        trainer = TagiTrainer(model=model, args=args, train_dataset=ds, processing_class=word_tokenizer())
+        trainer.get_train_dataloader = _sequential(trainer)
+        trainer.train()
+        states.append(_hypernetwork_state(model))
+    for name in states[0]:
+        assert torch.allclose(states[0][name], states[1][name], atol=1e-6), name
+
+
+def _sequential(trainer):
+    """A dataloader without shuffling, so both runs see the same examples in the same order."""
+    from torch.utils.data import DataLoader
+
+    def loader():
+        return DataLoader(
+            trainer.train_dataset,
+            batch_size=trainer.args.per_device_train_batch_size,
+            collate_fn=trainer.data_collator,
+        )
+
+    return loader
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, toy, teachers_dir):
+    def run(out, resume=None, max_steps=6):
+        model = tagi_t5()
+        args = args_for(tmp_path / out, "distill", max_steps=max_steps, save_strategy="steps", save_steps=3)
+        trainer = TagiTrainer(
+            model=model, args=args, train_dataset=toy, processing_class=word_tokenizer(), teachers=teachers_dir
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model, args.output_dir
+
+    full, _ = run("full")
+    _, first_half = run("half", max_steps=3)
+    shutil.rmtree(f"{first_half}/checkpoint-3/../checkpoint-6", ignore_errors=True)
+    resumed, _ = run("resumed", resume=f"{first_half}/checkpoint-3")
+    a, b = _hypernetwork_state(full), _hypernetwork_state(resumed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+# ---------------------------------------------------------------- 6. DDP
+
+
+def test_distributed_training_with_accelerate_launch(tmp_path):
+    script = tmp_path / "train_ddp.py"
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {tests_dir!r})
+        import datasets, torch
+        from conftest import tiny_t5, toy_examples, word_tokenizer
+        from peft import get_peft_model
+        from peft_tagi import TagiConfig, TagiTrainer, TagiTrainingArguments
+        model = get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, hypernetwork_hidden_size=32))
+        args = TagiTrainingArguments(output_dir={str(tmp_path / "ddp")!r}, stage="pretrain", max_steps=3,
+            per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+            logging_steps=1)
+        trainer = TagiTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(toy_examples()),
+                              processing_class=word_tokenizer())
+        trainer.train()
+        assert trainer.args.world_size == 2, trainer.args.world_size
+        assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+        checksum = float(sum(p.double().sum() for p in model.base_model.tagi_hypernetwork.parameters()))
+        print(f"DDP-OK rank={{trainer.args.process_index}} step={{trainer.state.global_step}} checksum={{checksum:.10f}}")
+        """)
+    )
+    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process (CPU multi-process needs mpirun); `--multi_gpu`
+    # starts torchrun with 2 ranks, and use_cpu=True makes them DDP over gloo on the CPU.
+    proc = run_python(
+        "import subprocess, sys\n"
+        "cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '2', '--multi_gpu',\n"
+        f"       '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', {str(script)!r}]\n"
+        "proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)\n"
+        "print(proc.stdout); print(proc.stderr[-3000:], file=sys.stderr)\n"
+        "sys.exit(proc.returncode)\n",
+        timeout=360,
+    )
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("DDP-OK"))
+    assert [line.split()[1] for line in lines] == ["rank=0", "rank=1"]
+    assert all("step=3" in line for line in lines)
+    assert len({line.split()[3] for line in lines}) == 1, "ranks ended with different weights"
+
+
+# ---------------------------------------------------------------- 8. evaluation
+
+
+def test_evaluate_with_generation_reports_rouge_and_exact_match(tmp_path, toy):
+    args = args_for(tmp_path, "pretrain", max_steps=1, predict_with_generate=True, generation_max_length=6)
+    trainer = TagiTrainer(
+        model=tagi_t5(), args=args, train_dataset=toy, eval_dataset=toy, processing_class=word_tokenizer()
+    )
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_rougeL", "eval_exact_match", "eval_rougeL_reverse", "eval_exact_match_copy"):
+        assert key in metrics
+    assert 0.0 <= metrics["eval_rougeL"] <= 100.0
+
+
+def test_decoder_only_distill_runs(tmp_path, toy):
+    model = get_peft_model(tiny_gpt2(), TagiConfig(task_type="CAUSAL_LM", r=4, hypernetwork_hidden_size=32))
+    args = args_for(tmp_path, "distill", max_steps=2, lambda_ins=0.0)
+    teacher = tiny_gpt2(seed=3)
+    trainer = TagiTrainer(
+        model=model, args=args, train_dataset=toy, processing_class=word_tokenizer(), teacher_model=teacher
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["loss_kl"] > 0
+    assert sys.modules.get("peft_tagi") is not None
