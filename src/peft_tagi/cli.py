@@ -1,0 +1,329 @@
+"""The `peft-tagi` command: train the three stages, generate and export adapters, evaluate, run the quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("train", "generate-adapter", "export", "evaluate", "quickstart")
+logger = logging.getLogger("peft_tagi.cli")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_config_file(path: str) -> dict:
+    """Options from a YAML or JSON file; keys are flag names with '-' or '_' (e.g. max_steps or max-steps)."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of option names to values.")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_base(model_id: str):
+    """Base model and tokenizer from a Hub id or a local path (seq2seq or causal, read from its config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_id)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = cls.from_pretrained(model_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_examples(spec: str, split: str, max_instances: int, seed: int, num_pos_examples: int = 0) -> list[dict]:
+    """Examples of the one format from `synthetic`, `sni:PATH` or `p3:PATH_OR_ID`."""
+    if spec == "synthetic":
+        from .data.synthetic import SyntheticSuite
+
+        suite = SyntheticSuite(seed=seed)
+        tasks = suite.train_tasks() if split == "train" else suite.heldout_tasks()
+        return suite.examples(tasks, max_instances, split="train" if split == "train" else "eval", seed=seed)
+    kind, _, location = spec.partition(":")
+    if kind == "sni" and location:
+        from .data.sni import read_sni_tasks
+
+        return read_sni_tasks(
+            location, split=split, max_instances_per_task=max_instances, num_pos_examples=num_pos_examples
+        )
+    if kind == "p3" and location:
+        from .data.p3 import p3_examples
+
+        return p3_examples(location, max_instances=max_instances, input_column="inputs_pretokenized", split=split)
+    raise SystemExit(f"error: --data must be 'synthetic', 'sni:PATH' or 'p3:PATH_OR_ID', got {spec!r}.")
+
+
+def _task_type(model) -> str:
+    return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+
+
+def load_tagi(model_id: str, tagi_dir: str | None, args=None, trainable: bool = False):
+    """A TAGI model: from a checkpoint folder when given, else a fresh one from the CLI's config flags."""
+    from peft import PeftModel, get_peft_model
+
+    import peft_tagi  # noqa: F401  (registers TAGI)
+
+    from .config import TagiConfig
+
+    base, tokenizer = load_base(model_id)
+    if tagi_dir:
+        model = PeftModel.from_pretrained(base, tagi_dir, is_trainable=trainable)
+    else:
+        fusion = None if args is None or args.fusion is None else args.fusion == "on"
+        config = TagiConfig(
+            task_type=_task_type(base),
+            r=args.r,
+            lora_alpha=args.lora_alpha,
+            target_modules=args.target_modules,
+            instruction_fusion=fusion,
+            max_instruction_length=args.max_instruction_length,
+            base_model_name_or_path=model_id,
+        )
+        model = get_peft_model(base, config)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> None:
+    import datasets
+
+    from .data.pretraining import pretraining_dataset
+    from .trainer import TagiTrainer, TagiTrainingArguments
+
+    output = Path(args.output_dir)
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {output} is not empty; pass --overwrite to write into it.")
+    model, tokenizer = load_tagi(args.model, args.init, args, trainable=True)
+    examples = load_examples(args.data, "train", args.max_instances, args.seed, args.num_pos_examples)
+    if args.stage == "pretrain":
+        texts = [" ".join(x for x in (e["instruction"], e["input"], e["output"]) if x) for e in examples]
+        if args.data == "synthetic":
+            from .data.synthetic import SyntheticSuite
+
+            texts = SyntheticSuite(seed=args.seed).pretraining_texts(max(1000, len(examples)), seed=args.seed)
+        train_ds = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=args.seed)
+    else:
+        train_ds = datasets.Dataset.from_list(examples)
+    training_args = TagiTrainingArguments(
+        output_dir=str(output),
+        stage=args.stage,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=max(1, args.max_steps // 50),
+        kd_temperature=args.kd_temperature,
+        lambda_kl=args.lambda_kl,
+        lambda_ins=args.lambda_ins,
+        group_by=args.group_by,
+        logging_steps=max(1, args.max_steps // 20),
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        overwrite_teachers=args.overwrite,
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.cpu,
+    )
+    trainer = TagiTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        teachers=args.teachers if args.stage == "distill" else None,
+    )
+    trainer.train(resume_from_checkpoint=args.resume)
+    if args.stage != "teachers":
+        model.save_pretrained(output / "tagi")
+        print(f"TAGI checkpoint: {output / 'tagi'}")
+    else:
+        print(f"Teacher LoRAs: {output / 'teachers'}")
+
+
+def cmd_generate_adapter(args) -> None:
+    model, tokenizer = load_tagi(args.model, args.tagi)
+    enc = tokenizer([args.instruction], return_tensors="pt", truncation=True)
+    [adapter] = model.generate_adapter(enc["input_ids"], enc["attention_mask"], instructions=[args.instruction])
+    adapter.generator = args.tagi
+    adapter.base_model_name_or_path = args.model
+    path = adapter.save_lora(args.out, base_model_name_or_path=args.model, overwrite=args.overwrite)
+    print(f"LoRA adapter: {path}")
+    if args.push_to:
+        url = adapter.push_to_hub(args.push_to, generator=args.tagi, base_model_name_or_path=args.model)
+        print(f"Pushed: {url}")
+
+
+def cmd_export(args) -> None:
+    """Merge an exported task LoRA into the base model and save a standalone transformers model."""
+    from peft import PeftModel
+
+    from .adapter import atomic_write_dir
+
+    base, tokenizer = load_base(args.model)
+    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_write_dir(Path(args.out), write, overwrite=args.overwrite)
+    print(f"Merged model: {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from .metrics import compute_sni_metrics
+
+    model, tokenizer = load_tagi(args.model, args.tagi)
+    model.eval()
+    examples = load_examples(args.data, args.split, args.max_instances, args.seed, args.num_pos_examples)
+    predictions = []
+    for i in range(0, len(examples), args.batch_size):
+        chunk = examples[i : i + args.batch_size]
+        enc = tokenizer([e["input"] for e in chunk], padding=True, truncation=True, return_tensors="pt")
+        ins = tokenizer([e["instruction"] for e in chunk], padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                instruction_input_ids=ins["input_ids"],
+                instruction_attention_mask=ins["attention_mask"],
+                max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams,
+            )
+        predictions.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
+    scores = compute_sni_metrics(predictions, [e["references"] for e in examples], [e["task_name"] for e in examples])
+    print(f"ROUGE-L {scores['rougeL']:.2f}  exact match {scores['exact_match']:.2f}  ({len(examples)} examples)")
+    for task, task_scores in sorted(scores["per_task"].items()):
+        print(f"  {task:<50} ROUGE-L {task_scores['rougeL']:6.2f}  EM {task_scores['exact_match']:6.2f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def cmd_quickstart(args) -> None:
+    from .quickstart import QuickstartConfig, format_table, run_quickstart
+
+    config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
+    results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
+    print(format_table(results))
+    print(f"\nTimings (s): {results['timings_s']}")
+    print(f"Wrote {Path(args.output_dir) / 'results.json'} and {Path(args.output_dir) / 'results.png'}")
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-tagi", description="TAGI: generate LoRA adapters from task instructions (a PEFT method)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_required=True):
+        p.add_argument("--config", help="YAML or JSON file of options (flag names as keys); flags override it.")
+        p.add_argument("--model", required=model_required, help="base model: a Hub id or a local path")
+        p.add_argument("--seed", type=int, default=0)
+
+    def data(p):
+        p.add_argument("--data", default="synthetic", help="'synthetic', 'sni:PATH' or 'p3:PATH_OR_ID'")
+        p.add_argument("--max-instances", type=int, default=100, help="instances per task")
+        p.add_argument("--num-pos-examples", type=int, default=0, help="SNI: positive examples in the instruction")
+
+    train = sub.add_parser("train", help="train one stage: teachers, pretrain or distill")
+    common(train)
+    data(train)
+    train.add_argument("--stage", required=True, choices=["teachers", "pretrain", "distill"])
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--init", help="TAGI checkpoint to continue from (e.g. the pretrain stage's output/tagi)")
+    train.add_argument("--teachers", help="distill: the folder written by the teachers stage (output/teachers)")
+    train.add_argument("--resume", help="resume from a Trainer checkpoint folder")
+    train.add_argument("--max-steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    train.add_argument("--r", type=int, default=32)
+    train.add_argument("--lora-alpha", type=float, default=64)
+    train.add_argument("--target-modules", nargs="+", default=None)
+    train.add_argument("--fusion", choices=["on", "off"], default=None, help="instruction fusion (seq2seq default on)")
+    train.add_argument("--max-instruction-length", type=int, default=1024)
+    train.add_argument("--kd-temperature", type=float, default=2.0)
+    train.add_argument("--lambda-kl", type=float, default=5.0)
+    train.add_argument("--lambda-ins", default="sigmoid", help="'sigmoid' or a number")
+    train.add_argument("--group-by", choices=["task_name", "category"], default="task_name")
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    train.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate-adapter", help="write the LoRA generated for one instruction")
+    common(gen)
+    gen.add_argument("instruction", help="the task instruction, in natural language")
+    gen.add_argument("--tagi", required=True, help="TAGI checkpoint folder (or Hub id)")
+    gen.add_argument("--out", required=True, help="folder for the standard PEFT LoRA")
+    gen.add_argument("--push-to", help="also push the LoRA to this Hub repo (user/repo)")
+    gen.add_argument("--overwrite", action="store_true")
+    gen.set_defaults(func=cmd_generate_adapter)
+
+    export = sub.add_parser("export", help="merge an exported task LoRA into the base model (standalone model)")
+    common(export)
+    export.add_argument("adapter", help="a LoRA folder written by generate-adapter")
+    export.add_argument("--out", required=True)
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser("evaluate", help="ROUGE-L / exact match of a TAGI checkpoint on a data set")
+    common(evaluate)
+    data(evaluate)
+    evaluate.add_argument("--tagi", required=True, help="TAGI checkpoint folder")
+    evaluate.add_argument("--split", default="test", help="SNI: train or test; synthetic: train or heldout")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--num-beams", type=int, default=1)
+    evaluate.add_argument("--output", help="write the scores as JSON here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    quick = sub.add_parser("quickstart", help="the whole pipeline on the embedded default, with a held-out report")
+    quick.add_argument("--config", help="YAML or JSON file of options")
+    quick.add_argument("--output-dir", default="tagi-quickstart")
+    quick.add_argument("--fast", action="store_true", help="smoke run (under 2 minutes)")
+    quick.add_argument("--overwrite", action="store_true")
+    quick.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # Options from the file become defaults of the subcommand; flags given on the command line still win.
+        file_options = load_config_file(args.config)
+        subparser = parser._subparsers._group_actions[0].choices[args.command]
+        known = {action.dest for action in subparser._actions}
+        unknown = sorted(set(file_options) - known)
+        if unknown:
+            raise SystemExit(
+                f"error: {args.config} has unknown options {unknown}; see `peft-tagi {args.command} --help`."
+            )
+        subparser.set_defaults(**file_options)
+        for action in subparser._actions:
+            if action.dest in file_options:
+                action.required = False
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,620 @@
+"""A synthetic suite of word-list tasks for quick, meaningful TAGI runs on a CPU.
+
+Every task chains two *primitives* (small operations on a short list of words, such as "reverse the order of the
+words" or "replace every word with its partner") and is described by an instruction written the way a person would
+write it: "First reverse the order of the words, then keep only the first two words."
+
+The suite is built to answer one question in minutes: does a generated adapter carry the meaning of an instruction
+to a task never trained on? Hence:
+
+- Held-out tasks are *unseen combinations of seen skills*: both primitives of every held-out task appear in training
+  tasks, as first step and as second step wherever the primitive can take that position (checked on construction).
+- One paraphrase family is evaluation-only: its instructions are never given for training tasks or in training
+  examples, so a held-out score also measures robustness to new wording. It introduces no new word (it recombines
+  words of the training phrasings), because a word-level model cannot know a word it never saw.
+- The vocabulary is closed (`SyntheticSuite.vocabulary`), so a word-level tokenizer (`suite_tokenizer`) covers every
+  text without `<unk>`, and a small T5 trained from scratch learns fast (see DESIGN.md, "The embedded default").
+- Everything is deterministic for a seed: the split depends only on the suite seed (never on how many instances
+  are drawn), and examples depend only on (suite seed, example seed, split, task).
+
+Outputs are never empty: a list emptied by a filter is written "none", and counting an empty list gives "zero".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lexicon: four kinds of eight words; every word has a partner of the same kind (so that filtering by kind and
+# replacing by partner commute, and no step leaves the lexicon except "kind" and "count").
+# ----------------------------------------------------------------------------------------------------------------
+PARTNERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "animal": (("cat", "dog"), ("cow", "pig"), ("fox", "owl"), ("hen", "bee")),
+    "color": (("red", "blue"), ("green", "pink"), ("black", "white"), ("gray", "gold")),
+    "food": (("apple", "pear"), ("bread", "rice"), ("milk", "tea"), ("egg", "cake")),
+    "thing": (("sun", "moon"), ("tree", "rock"), ("cup", "box"), ("car", "hat")),
+}
+KIND_OF: dict[str, str] = {word: kind for kind, pairs in PARTNERS.items() for pair in pairs for word in pair}
+PARTNER_OF: dict[str, str] = {
+    word: other for pairs in PARTNERS.values() for a, b in pairs for word, other in ((a, b), (b, a))
+}
+LEXICON: tuple[str, ...] = tuple(KIND_OF)
+KINDS: tuple[str, ...] = tuple(PARTNERS)
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven",
+    "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen",
+)  # fmt: skip
+EMPTY_OUTPUT = "none"
+MIN_INPUT_WORDS = 3
+MAX_INPUT_WORDS = 7
+# Words a collator may put around instruction and input ("Instruction: ... Input: ..."): part of the closed
+# vocabulary so that such formats stay free of <unk>.
+FORMAT_WORDS: tuple[str, ...] = ("instruction", "input", "output", ":")
+
+Split = Literal["train", "eval"]
+
+
+def words_of(text: str) -> list[str]:
+    """Tokens of `text` as the word-level tokenizer sees them: lowercased words and single punctuation marks."""
+    return re.findall(r"[^\W_]+|[^\w\s]|_", text.lower())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Primitives
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Primitive:
+    """One skill: a function on a list of words and the ways a person would ask for it.
+
+    Attributes:
+        name: identifier used in task names ("reverse", "first_two", ...).
+        fn: the operation, list of words -> list of words (may be empty; rendered as "none").
+        phrasings: training phrasings (imperative verb phrases, lowercase, no final punctuation).
+        eval_phrasing: the phrasing of the evaluation-only paraphrase family; made of words that appear in the
+            training phrasings or connectives, so a word-level model has seen every one of them.
+        terminal: the result is not a list of lexicon words (e.g. a count), so nothing may follow this step.
+        needs_lexicon: the step is only defined on lexicon words (it may not follow a step that leaves the lexicon).
+        leaves_lexicon: the result holds words outside the lexicon (kind names).
+    """
+
+    name: str
+    fn: Callable[[list[str]], list[str]] = field(repr=False, compare=False)
+    phrasings: tuple[str, ...]
+    eval_phrasing: str
+    terminal: bool = False
+    needs_lexicon: bool = False
+    leaves_lexicon: bool = False
+
+
+def _count(words: list[str]) -> list[str]:
+    return [NUMBER_WORDS[len(words)]]
+
+
+# The primitives were chosen so that a small T5 learns each of them in minutes from word-level tokens: positional
+# selections and word-by-word maps, no sorting (a calibration run found sorting much harder; see DESIGN.md).
+PRIMITIVES: tuple[Primitive, ...] = (
+    Primitive(
+        "reverse",
+        lambda w: w[::-1],
+        ("reverse the order of the words", "reverse the words", "write the words in reverse order"),
+        "put the words in reverse order",
+    ),
+    Primitive(
+        "first_two",
+        lambda w: w[:2],
+        ("keep only the first two words", "keep the first two words", "take the first two words"),
+        "only keep the first two words",
+    ),
+    Primitive(
+        "last_two",
+        lambda w: w[-2:],
+        ("keep only the last two words", "keep the last two words", "take the last two words"),
+        "only keep the last two words",
+    ),
+    Primitive(
+        "drop_first",
+        lambda w: w[1:],
+        ("remove the first word", "drop the first word", "delete the first word"),
+        "remove the word at the start",
+    ),
+    Primitive(
+        "drop_last",
+        lambda w: w[:-1],
+        ("remove the last word", "drop the last word", "delete the last word"),
+        "remove the word at the end",
+    ),
+    Primitive(
+        "swap_ends",
+        lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w),
+        (
+            "swap the first and the last word",
+            "exchange the first word and the last word",
+            "switch the first and last words",
+        ),
+        "swap the first word and the last word",
+    ),
+    Primitive(
+        "rotate",
+        lambda w: w[1:] + w[:1],
+        ("move the first word to the end", "put the first word at the end", "move the word at the start to the end"),
+        "put the first word at the end of the list",
+    ),
+    Primitive(
+        "double",
+        lambda w: [x for x in w for _ in range(2)],
+        ("write every word twice", "repeat each word twice", "say each word two times"),
+        "write each word two times",
+    ),
+    Primitive(
+        "partner",
+        lambda w: [PARTNER_OF[x] for x in w],
+        (
+            "replace every word with its partner",
+            "swap each word for its partner",
+            "change every word into its partner",
+        ),
+        "replace each word with its partner",
+        needs_lexicon=True,
+    ),
+    Primitive(
+        "kind",
+        lambda w: [KIND_OF[x] for x in w],
+        ("replace every word with its kind", "change each word into its kind", "write the kind of every word"),
+        "write the kind of each word",
+        needs_lexicon=True,
+        leaves_lexicon=True,
+    ),
+    Primitive(
+        "only_animals",
+        lambda w: [x for x in w if KIND_OF[x] == "animal"],
+        (
+            "keep only the animals",
+            "remove every word that is not an animal",
+            "keep the animals and drop the other words",
+        ),
+        "only keep the animals",
+        needs_lexicon=True,
+    ),
+    Primitive(
+        "count",
+        _count,
+        ("count the words", "say how many words there are", "write the number of words"),
+        "count how many words there are",
+        terminal=True,
+    ),
+)
+
+# Connectives join two phrasings ({a}: first step, {b}: second step; {A} is {a} capitalised). The order of the
+# steps in the sentence is always the order of execution, so no connective asks the model to invert it.
+CONNECTIVES: tuple[str, ...] = (
+    "First {a}, then {b}.",
+    "{A}, and then {b}.",
+    "Take the list of words, {a}, and after that {b}.",
+)
+EVAL_CONNECTIVE = "First {a}. After that, {b}."
+
+# Plain-text sentences about the lexicon, for pretraining the small base model and the hypernetwork on text.
+_FACT_TEMPLATES: tuple[str, ...] = (
+    "{w} is {ak}.",
+    "the partner of {w} is {p}.",
+    "the kind of {w} is {k}.",
+    "{w} and {p} are partners.",
+)
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _with_article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _connect(template: str, a: str, b: str) -> str:
+    return template.format(a=a, b=b, A=_capitalise(a))
+
+
+def render_output(words: Sequence[str]) -> str:
+    """Write a list of words as a target string ("none" for an empty list)."""
+    return " ".join(words) if words else EMPTY_OUTPUT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticTask:
+    """An ordered composition of two primitives.
+
+    Attributes:
+        name: "<first>_then_<second>", e.g. "reverse_then_first_two".
+        primitives: the names of the two steps, in execution order.
+        heldout: whether the task belongs to the held-out split.
+        steps: the two `Primitive` objects, in execution order.
+    """
+
+    name: str
+    primitives: tuple[str, str]
+    heldout: bool
+    steps: tuple[Primitive, Primitive] = field(repr=False, compare=False)
+
+    def instructions(self, train: bool = True) -> list[str]:
+        """Paraphrases of the task instruction.
+
+        Args:
+            train: True for the training paraphrases (every training connective with every training phrasing of
+                each step; the first entry is the canonical one); False for the evaluation-only family, which only
+                held-out tasks have.
+        """
+        first, second = self.steps
+        if not train:
+            if not self.heldout:
+                raise ValueError(
+                    f"Task {self.name!r} is a training task: the evaluation-only paraphrases are reserved for "
+                    "held-out tasks so that they never reach training."
+                )
+            return [_connect(EVAL_CONNECTIVE, first.eval_phrasing, second.eval_phrasing)]
+        # Aligned families first (connective i with phrasing i of both steps), then every mixed combination.
+        aligned = [
+            _connect(template, first.phrasings[i % len(first.phrasings)], second.phrasings[i % len(second.phrasings)])
+            for i, template in enumerate(CONNECTIVES)
+        ]
+        mixed = [
+            _connect(template, a, b) for template in CONNECTIVES for a in first.phrasings for b in second.phrasings
+        ]
+        return list(dict.fromkeys(aligned + mixed))
+
+    def apply(self, words: Sequence[str]) -> str:
+        """The target output for the input `words` (a list of lexicon words)."""
+        result = list(words)
+        for step in self.steps:
+            result = step.fn(result)
+        return render_output(result)
+
+
+def _valid_pair(first: Primitive, second: Primitive) -> bool:
+    if first.name == second.name or first.terminal:
+        return False
+    if first.leaves_lexicon and second.needs_lexicon:
+        return False
+    return True
+
+
+def _coverage_slots(pairs: Iterable[tuple[Primitive, Primitive]]) -> set[tuple[str, int]]:
+    """(primitive name, position) for every position a primitive takes in `pairs`."""
+    return {(p.name, position) for pair in pairs for position, p in enumerate(pair)}
+
+
+class SyntheticSuite:
+    """The synthetic task suite: primitives, a fixed train / held-out split of their compositions, and examples.
+
+    Args:
+        seed: fixes the held-out split (and the subset of training tasks when `num_train_tasks` is set). Nothing
+            else changes the split.
+        num_train_tasks: how many training tasks to keep (None: every valid composition that is not held out). The
+            subset always covers every primitive in every position it can take.
+        num_heldout_tasks: how many compositions to hold out.
+        primitives: the primitives to compose (default: `PRIMITIVES`).
+
+    Example:
+        ```python
+        >>> suite = SyntheticSuite(seed=0)
+        >>> train = suite.examples(suite.train_tasks(), num_instances=64, split="train", seed=0)
+        >>> heldout = suite.examples(suite.heldout_tasks(), num_instances=32, split="eval", seed=0)
+        >>> tokenizer = suite_tokenizer(suite)
+        ```
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        num_train_tasks: int | None = None,
+        num_heldout_tasks: int = 12,
+        primitives: Sequence[Primitive] = PRIMITIVES,
+    ) -> None:
+        self.seed = seed
+        self.primitives: tuple[Primitive, ...] = tuple(primitives)
+        names = [p.name for p in self.primitives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Primitive names must be unique, got {names}.")
+        self._by_name = {p.name: p for p in self.primitives}
+
+        pairs = [(a, b) for a in self.primitives for b in self.primitives if _valid_pair(a, b)]
+        heldout = self._choose_heldout(pairs, num_heldout_tasks)
+        pool = [pair for pair in pairs if pair not in heldout]
+        train = self._choose_train(pool, num_train_tasks)
+
+        self._train = [self._task(pair, heldout=False) for pair in train]
+        self._heldout = [self._task(pair, heldout=True) for pair in heldout]
+        self._check_split()
+
+    # -- split ------------------------------------------------------------------------------------------------
+    def _task(self, pair: tuple[Primitive, Primitive], heldout: bool) -> SyntheticTask:
+        return SyntheticTask(
+            name=f"{pair[0].name}_then_{pair[1].name}",
+            primitives=(pair[0].name, pair[1].name),
+            heldout=heldout,
+            steps=pair,
+        )
+
+    def _choose_heldout(
+        self, pairs: list[tuple[Primitive, Primitive]], count: int
+    ) -> list[tuple[Primitive, Primitive]]:
+        """Greedy, seeded choice of held-out pairs that keeps every (primitive, position) slot covered by training."""
+        needed = _coverage_slots(pairs)
+        # Spread the held-out tasks over the primitives: none appears more than its share. A greedy pass can get
+        # stuck near the end, so retry with the next seeded order (deterministic: same seed, same split).
+        max_uses = max(1, math.ceil(2 * count / len(self.primitives)))
+        rng = random.Random(f"synthetic-heldout-{self.seed}")
+        chosen: list[tuple[Primitive, Primitive]] = []
+        for _ in range(100):
+            candidates = list(pairs)
+            rng.shuffle(candidates)
+            chosen = []
+            uses: dict[str, int] = {}
+            for pair in candidates:
+                if len(chosen) == count:
+                    break
+                if any(uses.get(p.name, 0) >= max_uses for p in pair):
+                    continue
+                remaining = [other for other in pairs if other not in chosen and other != pair]
+                if _coverage_slots(remaining) != needed:
+                    continue
+                chosen.append(pair)
+                for p in pair:
+                    uses[p.name] = uses.get(p.name, 0) + 1
+            if len(chosen) == count:
+                break
+        else:
+            raise ValueError(f"Could not hold out {count} tasks while keeping every skill in training.")
+        return sorted(chosen, key=self._pair_key)
+
+    def _choose_train(
+        self, pool: list[tuple[Primitive, Primitive]], count: int | None
+    ) -> list[tuple[Primitive, Primitive]]:
+        """All of `pool`, or a seeded subset of `count` pairs that still covers every (primitive, position) slot."""
+        if count is None or count >= len(pool):
+            if count is not None and count > len(pool):
+                logger.warning("num_train_tasks=%d but only %d training compositions exist.", count, len(pool))
+            return sorted(pool, key=self._pair_key)
+        candidates = list(pool)
+        random.Random(f"synthetic-train-{self.seed}").shuffle(candidates)
+        needed = _coverage_slots(pool)
+        chosen: list[tuple[Primitive, Primitive]] = []
+        covered: set[tuple[str, int]] = set()
+        # First cover every slot, then fill up in the seeded order.
+        for pair in candidates:
+            new = _coverage_slots([pair]) - covered
+            if new:
+                chosen.append(pair)
+                covered |= new
+        if covered != needed or len(chosen) > count:
+            raise ValueError(
+                f"num_train_tasks={count} is too small to train every primitive in every position "
+                f"(needs at least {len(chosen)})."
+            )
+        for pair in candidates:
+            if len(chosen) == count:
+                break
+            if pair not in chosen:
+                chosen.append(pair)
+        return sorted(chosen, key=self._pair_key)
+
+    def _pair_key(self, pair: tuple[Primitive, Primitive]) -> tuple[int, int]:
+        return (self.primitives.index(pair[0]), self.primitives.index(pair[1]))
+
+    def _check_split(self) -> None:
+        train_pairs = {t.primitives for t in self._train}
+        possible = _coverage_slots(
+            (a, b) for a in self.primitives for b in self.primitives if _valid_pair(a, b)
+        )  # slots any composition can fill
+        trained = {(name, pos) for pair in train_pairs for pos, name in enumerate(pair)}
+        for task in self._heldout:
+            if task.primitives in train_pairs:
+                raise AssertionError(f"Held-out task {task.name} is also a training task.")
+            for name in task.primitives:
+                for position in (0, 1):
+                    if (name, position) in possible and (name, position) not in trained:
+                        raise AssertionError(f"Primitive {name!r} of held-out {task.name} is untrained at {position}.")
+
+    # -- public API -------------------------------------------------------------------------------------------
+    def train_tasks(self) -> list[SyntheticTask]:
+        """The training tasks (compositions whose instructions and examples may be trained on)."""
+        return list(self._train)
+
+    def heldout_tasks(self) -> list[SyntheticTask]:
+        """The held-out tasks: unseen compositions of primitives that all appear in training tasks."""
+        return list(self._heldout)
+
+    def compose(self, first: str, second: str) -> SyntheticTask:
+        """The task "`first`, then `second`" by primitive names (a training, held-out or unused composition)."""
+        pair = (self._by_name[first], self._by_name[second])
+        if not _valid_pair(*pair):
+            raise ValueError(f"{first!r} cannot be followed by {second!r}.")
+        return self._task(pair, heldout=any(task.primitives == (first, second) for task in self._heldout))
+
+    def task(self, name: str) -> SyntheticTask:
+        """A training or held-out task by name."""
+        for task in self._train + self._heldout:
+            if task.name == name:
+                return task
+        raise KeyError(f"No task named {name!r} in this suite.")
+
+    def examples(
+        self,
+        tasks: Iterable[SyntheticTask],
+        num_instances: int,
+        split: Split = "train",
+        seed: int = 0,
+    ) -> list[dict]:
+        """Examples of `tasks`, `num_instances` per task, in the project's example format.
+
+        Args:
+            tasks: tasks of this suite (e.g. `train_tasks()` or `heldout_tasks()`).
+            num_instances: examples per task; distinct inputs within a task (3 to 7 distinct lexicon words).
+            split: "train" gives every example a training paraphrase. "eval" gives examples of held-out tasks an
+                evaluation-only paraphrase; training tasks keep their training paraphrases (the evaluation-only
+                family never reaches them), with inputs drawn from a different stream than the "train" split.
+            seed: example seed; the same (suite seed, seed, split, task) always gives the same examples, whatever
+                the other tasks or `num_instances` of a call (a smaller call gives a prefix of a larger one).
+
+        Returns:
+            A list of dicts with keys `task_name`, `instruction`, `input`, `output`, `category` (the first primitive
+            of the task), `choices` ([]) and `references` ([output]).
+        """
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+        if num_instances < 0:
+            raise ValueError(f"num_instances must be >= 0, got {num_instances}.")
+        out: list[dict] = []
+        for task in tasks:
+            instructions = task.instructions(train=split == "train" or not task.heldout)
+            # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and platforms.
+            rng = random.Random(f"synthetic-examples-{self.seed}-{seed}-{split}-{task.name}")
+            seen: set[tuple[str, ...]] = set()
+            while len(seen) < num_instances:
+                words = tuple(rng.sample(LEXICON, rng.randint(MIN_INPUT_WORDS, MAX_INPUT_WORDS)))
+                instruction = rng.choice(instructions)
+                if words in seen:
+                    continue
+                seen.add(words)
+                output = task.apply(words)
+                out.append(
+                    {
+                        "task_name": task.name,
+                        "instruction": instruction,
+                        "input": " ".join(words),
+                        "output": output,
+                        "category": task.primitives[0],
+                        "choices": [],
+                        "references": [output],
+                    }
+                )
+        return out
+
+    def pretraining_texts(self, n: int, seed: int = 0) -> list[str]:
+        """`n` plain texts in the suite's vocabulary, for pretraining a small base model and the hypernetwork.
+
+        Each text joins 2 to 4 sentences: word lists, facts about the lexicon ("cat is a animal.", "the partner of
+        cat is dog.") and training instructions of single steps or of training tasks. Evaluation-only paraphrases
+        and held-out instructions never appear, so pretraining cannot leak the held-out split.
+        """
+        rng = random.Random(f"synthetic-pretraining-{self.seed}-{seed}")
+        train_instructions = [text for task in self._train for text in task.instructions(train=True)[:3]]
+        step_phrasings = sorted(
+            {phrasing for task in self._train for step in task.steps for phrasing in step.phrasings}
+        )
+        texts: list[str] = []
+        for _ in range(n):
+            sentences = []
+            for _ in range(rng.randint(2, 4)):
+                kind = rng.random()
+                if kind < 0.35:
+                    words = rng.sample(LEXICON, rng.randint(MIN_INPUT_WORDS, MAX_INPUT_WORDS))
+                    sentences.append(" ".join(words) + ".")
+                elif kind < 0.7:
+                    word = rng.choice(LEXICON)
+                    template = rng.choice(_FACT_TEMPLATES)
+                    sentences.append(
+                        _capitalise(
+                            template.format(
+                                w=word, k=KIND_OF[word], ak=_with_article(KIND_OF[word]), p=PARTNER_OF[word]
+                            )
+                        )
+                    )
+                elif kind < 0.85:
+                    sentences.append(_capitalise(rng.choice(step_phrasings)) + ".")
+                else:
+                    sentences.append(rng.choice(train_instructions))
+            texts.append(" ".join(sentences))
+        return texts
+
+    def vocabulary(self) -> list[str]:
+        """Every token that can appear in the suite's instructions, inputs, outputs and pretraining texts.
+
+        Tokens are lowercase words and punctuation marks, as `words_of` splits text. The order is deterministic:
+        lexicon, kinds, numbers, "none", then the other words sorted, then punctuation.
+        """
+        texts: list[str] = [*FORMAT_WORDS, "a", "an"]
+        for template in (*CONNECTIVES, EVAL_CONNECTIVE, *_FACT_TEMPLATES):
+            texts.append(re.sub(r"\{\w+\}", " ", template))
+        for primitive in self.primitives:
+            texts.extend(primitive.phrasings)
+            texts.append(primitive.eval_phrasing)
+        rest = {token for text in texts for token in words_of(text)}
+        head = [*LEXICON, *KINDS, *NUMBER_WORDS, EMPTY_OUTPUT]
+        rest -= set(head)
+        words = sorted(t for t in rest if t[0].isalnum())
+        punctuation = sorted(t for t in rest if not t[0].isalnum())
+        return head + words + punctuation
+
+
+def suite_tokenizer(suite: SyntheticSuite | None = None, model_max_length: int = 512) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the vocabulary of `suite` (default: `SyntheticSuite()`)."""
+    from ..tokenizer import build_word_tokenizer
+
+    suite = suite if suite is not None else SyntheticSuite()
+    return build_word_tokenizer(suite.vocabulary(), model_max_length=model_max_length)
+
+
+def synthetic_dataset(
+    tasks: Literal["train", "heldout"] = "train",
+    num_instances: int = 64,
+    split: Split | None = None,
+    seed: int = 0,
+    suite: SyntheticSuite | None = None,
+) -> datasets.Dataset:
+    """Examples of the suite's training or held-out tasks as a `datasets.Dataset`.
+
+    Args:
+        tasks: "train" for `suite.train_tasks()`, "heldout" for `suite.heldout_tasks()`.
+        num_instances: examples per task.
+        split: paraphrase split (see `SyntheticSuite.examples`); default "train" for training tasks and "eval" (the
+            evaluation-only paraphrases) for held-out tasks.
+        seed: example seed.
+        suite: the suite (default: `SyntheticSuite()`).
+    """
+    import datasets
+
+    suite = suite if suite is not None else SyntheticSuite()
+    if tasks not in ("train", "heldout"):
+        raise ValueError(f"tasks must be 'train' or 'heldout', got {tasks!r}.")
+    chosen = suite.train_tasks() if tasks == "train" else suite.heldout_tasks()
+    split = split if split is not None else ("train" if tasks == "train" else "eval")
+    rows = suite.examples(chosen, num_instances=num_instances, split=split, seed=seed)
+    features = datasets.Features(
+        {
+            "task_name": datasets.Value("string"),
+            "instruction": datasets.Value("string"),
+            "input": datasets.Value("string"),
+            "output": datasets.Value("string"),
+            "category": datasets.Value("string"),
+            "choices": datasets.Sequence(datasets.Value("string")),
+            "references": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+__all__ = [
+    "LEXICON",
+    "PRIMITIVES",
+    "Primitive",
+    "SyntheticSuite",
+    "SyntheticTask",
+    "suite_tokenizer",
+    "synthetic_dataset",
+    "words_of",
+]

@@ -1,0 +1,372 @@
+"""The embedded default: the whole TAGI pipeline on a small T5 and the synthetic suite, with a held-out report.
+
+Steps: pretrain a small T5 from random weights on the suite's plain text (TAGI assumes a pretrained base) ->
+stage `teachers` -> stage `pretrain` (hypernetwork on text) -> stage `distill` -> evaluation on held-out tasks that
+no stage has seen, worded with the evaluation-only paraphrases.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.utils import logging
+
+from .config import TagiConfig
+from .data.pretraining import pretraining_dataset
+from .data.synthetic import SyntheticSuite, suite_tokenizer
+from .metrics import compute_sni_metrics
+from .teachers import load_teachers
+from .trainer import TagiTrainer, TagiTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+ROWS = (
+    ("base", "frozen base, no adapter"),
+    ("meta_teacher", "meta-train teacher (instruction + input)"),
+    ("tagi", "TAGI generated adapter (fusion)"),
+    ("tagi_plain_lora", "TAGI adapter exported, loaded as plain LoRA"),
+    ("oracle", "task-LoRA oracle (held-out task's own instances)"),
+)
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes and budgets of the quickstart. `fast()` gives the CI smoke run.
+
+    Args:
+        seed: seed of the suite split, the data and the model initialisations.
+        d_model, num_layers, num_heads, d_ff: shape of the small T5 built from random weights.
+        r, lora_alpha: rank and alpha of every LoRA (teachers, generated adapters, oracle).
+        target_modules: T5 linear layers that receive LoRA weights.
+        train_instances: training examples per training task (teachers and distillation).
+        eval_instances: evaluation examples per held-out task.
+        oracle_instances: training examples per held-out task for the oracle upper bound only.
+        base_steps, teacher_steps, pretrain_steps, distill_steps, oracle_steps: optimisation steps per stage.
+        batch_size: examples per step.
+        instruction_fusion: whether the TAGI model cross-attends to the instruction.
+        lambda_kl, lambda_ins: distillation weights (see `TagiTrainingArguments`).
+    """
+
+    seed: int = 0
+    d_model: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    d_ff: int = 512
+    r: int = 16
+    lora_alpha: float = 32
+    target_modules: tuple[str, ...] = ("q", "k", "v", "o", "wi", "wo")
+    train_instances: int = 200
+    eval_instances: int = 30
+    oracle_instances: int = 200
+    base_steps: int = 1500
+    teacher_steps: int = 1200
+    pretrain_steps: int = 300
+    distill_steps: int = 1500
+    oracle_steps: int = 400
+    batch_size: int = 32
+    base_learning_rate: float = 1e-3
+    learning_rate: float = 1e-3
+    instruction_fusion: bool = True
+    lambda_kl: float = 5.0
+    lambda_ins: str | float = "sigmoid"
+
+    @classmethod
+    def fast(cls) -> QuickstartConfig:
+        """A smoke run (CI): every step of the pipeline, with budgets far too small to learn much."""
+        return cls(
+            d_model=64, num_layers=2, d_ff=128, r=8, lora_alpha=16, train_instances=8, eval_instances=4,
+            oracle_instances=8, base_steps=40, teacher_steps=20, pretrain_steps=10, distill_steps=20, oracle_steps=10,
+            batch_size=16,
+        )  # fmt: skip
+
+
+def build_base_model(vocab_size: int, config: QuickstartConfig) -> T5ForConditionalGeneration:
+    """A small T5 from random weights (no download)."""
+    torch.manual_seed(config.seed)
+    t5_config = T5Config(
+        vocab_size=vocab_size,
+        d_model=config.d_model,
+        d_kv=config.d_model // config.num_heads,
+        d_ff=config.d_ff,
+        num_layers=config.num_layers,
+        num_decoder_layers=config.num_layers,
+        num_heads=config.num_heads,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return T5ForConditionalGeneration(t5_config)
+
+
+def pretrain_base(model, tokenizer, texts: list[str], config: QuickstartConfig) -> list[float]:
+    """Prefix language modelling on plain text: read a prefix, predict the rest (all weights train).
+
+    This stands in for the C4 pretraining of the paper's T5-LM-adapt: the base learns the suite's language (words,
+    facts, instructions) but never sees a task solved, so the frozen base alone cannot do the tasks.
+    """
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_learning_rate, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    model.train()
+    losses = []
+    for _ in tqdm(range(config.base_steps), desc="base pretraining", leave=False):
+        prefixes, targets = [], []
+        for text in rng.sample(texts, config.batch_size):
+            words = text.split()
+            cut = rng.randint(1, max(1, len(words) - 1))
+            prefixes.append(" ".join(words[:cut]))
+            targets.append(" ".join(words[cut:]))
+        enc = tokenizer(prefixes, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        lab = tokenizer(targets, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def _training_args(output_dir: Path, name: str, steps: int, config: QuickstartConfig, **kw) -> TagiTrainingArguments:
+    """Arguments of one run, written under `output_dir / name`; the stage is `name` unless `stage=` is given."""
+    kw.setdefault("stage", name)
+    return TagiTrainingArguments(
+        output_dir=str(output_dir / name),
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=max(1, steps // 50),
+        lr_scheduler_type="linear",
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        **kw,
+    )
+
+
+def _generate(model, tokenizer, inputs: list[str], batch_size: int = 64, **kwargs) -> tuple[list[str], float]:
+    """Greedy generation; returns texts and seconds per instance."""
+    outputs = []
+    start = time.perf_counter()
+    for i in range(0, len(inputs), batch_size):
+        enc = tokenizer(inputs[i : i + batch_size], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=16, num_beams=1, do_sample=False, **kwargs)
+        outputs.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return outputs, (time.perf_counter() - start) / max(1, len(inputs))
+
+
+def _score(predictions: list[str], examples: list[dict], seconds: float) -> dict:
+    scores = compute_sni_metrics(predictions, [e["references"] for e in examples], [e["task_name"] for e in examples])
+    return {
+        "rougeL": scores["rougeL"],
+        "exact_match": scores["exact_match"],
+        "ms_per_instance": seconds * 1000.0,
+        "per_task": {task: {"rougeL": s["rougeL"], "exact_match": s["exact_match"]} for task, s in scores["per_task"].items()},
+    }  # fmt: skip
+
+
+def evaluate_rows(tagi_model, fresh_base, tokenizer, examples, teachers_dir, oracle_dir, work_dir) -> dict:
+    """Score the five report rows on held-out examples (grouped by task instruction for TAGI)."""
+    tagi = tagi_model.base_model
+    inputs = [e["input"] for e in examples]
+    results = {}
+
+    with tagi_model.disable_adapter():
+        predictions, seconds = _generate(tagi_model, tokenizer, inputs)
+    results["base"] = _score(predictions, examples, seconds)
+
+    meta, _, _ = load_teachers(teachers_dir)
+    teacher_inputs = [f"{e['instruction']}\n{e['input']}" for e in examples]
+    with tagi.apply_task_weights(tagi.task_weights_from_adapter(meta, fusion=False)):
+        predictions, seconds = _generate(tagi_model, tokenizer, teacher_inputs)
+    results["meta_teacher"] = _score(predictions, examples, seconds)
+
+    # TAGI: one adapter per instruction, generated once and reused for all of its inputs.
+    by_instruction: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_instruction.setdefault(e["instruction"], []).append(i)
+    predictions = [""] * len(examples)
+    adapters = {}
+    start = time.perf_counter()
+    for instruction, rows in by_instruction.items():
+        ids = tokenizer([instruction], return_tensors="pt")
+        [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
+        adapters[instruction] = adapter
+        with tagi.use_adapter(adapter):
+            texts, _ = _generate(tagi_model, tokenizer, [inputs[i] for i in rows])
+        for i, text in zip(rows, texts):
+            predictions[i] = text
+    results["tagi"] = _score(predictions, examples, (time.perf_counter() - start) / len(examples))
+
+    # The same adapters exported as standard LoRA folders and loaded by plain peft (fusion dropped).
+    predictions = [""] * len(examples)
+    elapsed = 0.0
+    for n, (instruction, rows) in enumerate(by_instruction.items()):
+        folder = adapters[instruction].save_lora(work_dir / "exported" / f"task_{n}", overwrite=True)
+        plain = PeftModel.from_pretrained(fresh_base(), folder).eval()
+        texts, seconds = _generate(plain, tokenizer, [inputs[i] for i in rows])
+        elapsed += seconds * len(rows)
+        for i, text in zip(rows, texts):
+            predictions[i] = text
+    results["tagi_plain_lora"] = _score(predictions, examples, elapsed / len(examples))
+
+    _, oracle_bank, _ = load_teachers(oracle_dir)
+    predictions = [""] * len(examples)
+    elapsed = 0.0
+    by_task: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_task.setdefault(e["task_name"], []).append(i)
+    for task, rows in by_task.items():
+        with tagi.apply_task_weights(tagi.task_weights_from_adapter(oracle_bank[task], fusion=False)):
+            texts, seconds = _generate(tagi_model, tokenizer, [inputs[i] for i in rows])
+        elapsed += seconds * len(rows)
+        for i, text in zip(rows, texts):
+            predictions[i] = text
+    results["oracle"] = _score(predictions, examples, elapsed / len(examples))
+    return results
+
+
+def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = None, overwrite: bool = False) -> dict:
+    """Run the whole pipeline; write `results.json` and `results.png` to `output_dir` and return the results."""
+    config = config or QuickstartConfig()
+    output_dir = Path(output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True (or --overwrite) to replace it.")
+    work = output_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 1)
+        clock = now
+        logger.warning(f"quickstart: {name} done in {timings[name]:.0f}s")
+
+    suite = SyntheticSuite(seed=config.seed)
+    tokenizer = suite_tokenizer(suite)
+    train_examples = suite.examples(suite.train_tasks(), config.train_instances, split="train", seed=config.seed)
+    heldout_eval = suite.examples(suite.heldout_tasks(), config.eval_instances, split="eval", seed=config.seed + 1)
+    # The oracle's own training instances: inputs from another stream than the evaluation examples.
+    oracle_train = suite.examples(suite.heldout_tasks(), config.oracle_instances, split="train", seed=config.seed + 2)
+    texts = suite.pretraining_texts(
+        max(4 * config.batch_size, 20000 if config.base_steps > 100 else 256), seed=config.seed
+    )
+
+    base = build_base_model(len(tokenizer), config)
+    base_losses = pretrain_base(base, tokenizer, texts, config)
+    base.save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+    lap("base pretraining")
+
+    def fresh_base():
+        return T5ForConditionalGeneration.from_pretrained(work / "base").eval()
+
+    tagi_config = TagiConfig(
+        task_type="SEQ_2_SEQ_LM", r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+        instruction_fusion=config.instruction_fusion,
+    )  # fmt: skip
+    model = get_peft_model(fresh_base(), tagi_config)
+    train_ds = datasets.Dataset.from_list(train_examples)
+
+    trainer = TagiTrainer(
+        model=model, args=_training_args(work, "teachers", config.teacher_steps, config), train_dataset=train_ds,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    teachers_dir = work / "teachers" / "teachers"
+    lap("teachers")
+
+    pretrain_ds = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=config.seed)
+    TagiTrainer(
+        model=model, args=_training_args(work, "pretrain", config.pretrain_steps, config), train_dataset=pretrain_ds,
+        processing_class=tokenizer,
+    ).train()  # fmt: skip
+    lap("hypernetwork pretraining")
+
+    args = _training_args(
+        work, "distill", config.distill_steps, config, lambda_kl=config.lambda_kl, lambda_ins=config.lambda_ins
+    )
+    TagiTrainer(
+        model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, teachers=teachers_dir
+    ).train()
+    model.save_pretrained(work / "tagi")
+    lap("distillation")
+
+    oracle_model = get_peft_model(fresh_base(), tagi_config)
+    TagiTrainer(
+        model=oracle_model, args=_training_args(work, "oracle", config.oracle_steps, config, stage="teachers"),
+        train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
+    ).train()  # fmt: skip
+    oracle_dir = work / "oracle" / "teachers"
+    lap("oracle task LoRAs")
+
+    model.eval()
+    rows = evaluate_rows(model, fresh_base, tokenizer, heldout_eval, teachers_dir, oracle_dir, work)
+    lap("evaluation")
+
+    results = {
+        "config": asdict(config),
+        "heldout_tasks": [t.name for t in suite.heldout_tasks()],
+        "num_train_tasks": len(suite.train_tasks()),
+        "num_eval_examples": len(heldout_eval),
+        "rows": {name: {"label": label, **rows[name]} for name, label in ROWS},
+        "timings_s": timings,
+        "base_pretraining_final_loss": sum(base_losses[-50:]) / max(1, len(base_losses[-50:])),
+    }
+    _write_report(output_dir, results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'row':<48} {'ROUGE-L':>8} {'EM':>7} {'ms/inst':>8}"]
+    for name, label in ROWS:
+        row = results["rows"][name]
+        lines.append(f"{label:<48} {row['rougeL']:>8.1f} {row['exact_match']:>7.1f} {row['ms_per_instance']:>8.2f}")
+    return "\n".join(lines)
+
+
+def _write_report(output_dir: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    labels = [label for _, label in ROWS]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(ROWS))
+    ax.bar([i - 0.2 for i in x], [results["rows"][n]["rougeL"] for n, _ in ROWS], width=0.4, label="ROUGE-L")
+    ax.bar([i + 0.2 for i in x], [results["rows"][n]["exact_match"] for n, _ in ROWS], width=0.4, label="exact match")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([label.replace(" (", "\n(") for label in labels], fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Held-out synthetic tasks ({results['num_eval_examples']} examples, unseen instructions)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output_dir / "results.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["QuickstartConfig", "format_table", "run_quickstart"]

@@ -1,0 +1,215 @@
+"""The synthetic task suite and the word-level tokenizer: split, paraphrases, determinism, vocabulary, round-trips."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from peft_tagi.data.synthetic import (
+    EMPTY_OUTPUT,
+    KIND_OF,
+    LEXICON,
+    PARTNER_OF,
+    PRIMITIVES,
+    SyntheticSuite,
+    suite_tokenizer,
+    synthetic_dataset,
+    words_of,
+)
+from peft_tagi.tokenizer import build_word_tokenizer
+
+KEYS = {"task_name", "instruction", "input", "output", "category", "choices", "references"}
+
+
+@pytest.fixture(scope="module")
+def suite() -> SyntheticSuite:
+    return SyntheticSuite(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(suite):
+    return suite_tokenizer(suite)
+
+
+def _slots(tasks) -> set[tuple[str, int]]:
+    return {(name, position) for task in tasks for position, name in enumerate(task.primitives)}
+
+
+def test_counts_and_unique_names(suite):
+    train, heldout = suite.train_tasks(), suite.heldout_tasks()
+    assert len(train) >= 40
+    assert len(heldout) >= 10
+    names = [t.name for t in train + heldout]
+    assert len(names) == len(set(names))
+    assert 10 <= len(PRIMITIVES) <= 14
+    assert not any(t.heldout for t in train) and all(t.heldout for t in heldout)
+
+
+@pytest.mark.parametrize("num_train_tasks", [None, 40])
+def test_heldout_are_unseen_combinations_of_seen_primitives(num_train_tasks):
+    suite = SyntheticSuite(seed=0, num_train_tasks=num_train_tasks)
+    train = suite.train_tasks()
+    if num_train_tasks is not None:
+        assert len(train) == num_train_tasks
+    train_pairs = {t.primitives for t in train}
+    trained = _slots(train)
+    # Every slot a primitive can take in some composition (e.g. "count" is only ever a last step).
+    possible = _slots(train + suite.heldout_tasks())
+    for task in suite.heldout_tasks():
+        assert task.primitives not in train_pairs
+        assert task.primitives[0] != task.primitives[1]
+        for name in task.primitives:
+            for position in (0, 1):
+                if (name, position) in possible:
+                    assert (name, position) in trained, (task.name, name, position)
+    # Every primitive appears in training as first step and as second step, except a terminal one (only last).
+    for primitive in PRIMITIVES:
+        assert (primitive.name, 1) in trained
+        assert ((primitive.name, 0) in trained) != primitive.terminal
+
+
+def test_split_is_deterministic_and_independent_of_train_size():
+    a, b = SyntheticSuite(seed=0), SyntheticSuite(seed=0)
+    assert [t.name for t in a.heldout_tasks()] == [t.name for t in b.heldout_tasks()]
+    assert [t.name for t in a.train_tasks()] == [t.name for t in b.train_tasks()]
+    small = SyntheticSuite(seed=0, num_train_tasks=40)
+    assert [t.name for t in small.heldout_tasks()] == [t.name for t in a.heldout_tasks()]
+    assert {t.name for t in small.train_tasks()} <= {t.name for t in a.train_tasks()}
+    other = SyntheticSuite(seed=1)
+    assert [t.name for t in other.heldout_tasks()] != [t.name for t in a.heldout_tasks()]
+    with pytest.raises(ValueError):
+        SyntheticSuite(seed=0, num_train_tasks=3)
+
+
+def test_paraphrases_and_eval_only_family(suite):
+    eval_only = set()
+    train_words = set()
+    for task in suite.train_tasks():
+        paraphrases = task.instructions(train=True)
+        assert len(set(paraphrases)) >= 3
+        train_words |= {w for text in paraphrases for w in words_of(text)}
+        with pytest.raises(ValueError):
+            task.instructions(train=False)
+    for task in suite.heldout_tasks():
+        assert len(set(task.instructions(train=True))) >= 3
+        held = task.instructions(train=False)
+        assert held and not set(held) & set(task.instructions(train=True))
+        eval_only |= set(held)
+    # The evaluation-only family never reaches a training example, in either split.
+    for split in ("train", "eval"):
+        rows = suite.examples(suite.train_tasks(), 4, split=split, seed=0)
+        assert not {r["instruction"] for r in rows} & eval_only
+    assert not {r["instruction"] for r in suite.examples(suite.heldout_tasks(), 4, "train")} & eval_only
+    # Held-out evaluation data uses it, and it introduces no word the training instructions lack.
+    assert {r["instruction"] for r in suite.examples(suite.heldout_tasks(), 4, "eval")} <= eval_only
+    assert {w for text in eval_only for w in words_of(text)} <= train_words
+
+
+def test_examples_format_determinism_and_vocabulary(suite):
+    tasks = suite.train_tasks()[:5] + suite.heldout_tasks()[:5]
+    rows = suite.examples(tasks, 8, split="train", seed=3)
+    assert len(rows) == 80
+    assert rows == suite.examples(tasks, 8, split="train", seed=3)
+    assert rows != suite.examples(tasks, 8, split="train", seed=4)
+    assert rows[:8] == suite.examples(tasks[:1], 8, "train", seed=3)  # independent of the other tasks
+    assert suite.examples(tasks[:1], 3, "train", seed=3) == rows[:3]  # a prefix: independent of num_instances
+    assert SyntheticSuite(seed=0).examples(tasks, 8, "train", seed=3) == rows
+    vocab = set(suite.vocabulary())
+    all_rows = suite.examples(suite.train_tasks(), 3, "train") + suite.examples(suite.heldout_tasks(), 3, "eval")
+    for row in all_rows:
+        assert set(row) == KEYS
+        assert row["output"].strip() and row["references"] == [row["output"]] and row["choices"] == []
+        assert row["category"] == suite.task(row["task_name"]).primitives[0]
+        words = row["input"].split()
+        assert 3 <= len(words) <= 7 and len(set(words)) == len(words) and set(words) <= set(LEXICON)
+        for field in ("instruction", "input", "output"):
+            assert set(words_of(row[field])) <= vocab, (field, row[field])
+    for text in suite.pretraining_texts(50, seed=0):
+        assert set(words_of(text)) <= vocab
+    assert suite.pretraining_texts(5, seed=0) == suite.pretraining_texts(5, seed=0)
+    assert suite.pretraining_texts(5, seed=0) != suite.pretraining_texts(5, seed=1)
+    assert len(vocab) == len(suite.vocabulary())
+
+
+def test_pretraining_texts_do_not_leak_heldout(suite):
+    texts = " ".join(suite.pretraining_texts(300, seed=0))
+    for task in suite.heldout_tasks():
+        for instruction in task.instructions(train=False) + task.instructions(train=True):
+            assert instruction not in texts
+
+
+def test_hand_checked_compositions(suite):
+    def run(first: str, second: str, text: str) -> str:
+        return suite.compose(first, second).apply(text.split())
+
+    words = "cat sun red tree milk"
+    assert run("reverse", "first_two", words) == "milk tree"
+    assert run("reverse", "last_two", words) == "sun cat"
+    assert run("drop_first", "swap_ends", words) == "milk red tree sun"
+    assert run("rotate", "drop_last", words) == "sun red tree milk"
+    assert run("partner", "reverse", words) == "tea rock blue moon dog"
+    assert run("double", "count", words) == "ten"
+    assert run("kind", "first_two", words) == "animal thing"
+    assert run("only_animals", "double", words) == "cat cat"
+    assert run("only_animals", "partner", "sun red") == EMPTY_OUTPUT
+    assert run("only_animals", "count", "sun red") == "zero"
+    assert run("first_two", "swap_ends", "dog") == "dog"
+    with pytest.raises(ValueError):
+        suite.compose("count", "reverse")
+    with pytest.raises(ValueError):
+        suite.compose("kind", "partner")
+    assert suite.compose(*suite.heldout_tasks()[0].primitives).heldout
+    assert all(PARTNER_OF[PARTNER_OF[w]] == w and KIND_OF[PARTNER_OF[w]] == KIND_OF[w] for w in LEXICON)
+    # Outputs are correct in generated examples too.
+    for row in suite.examples(suite.train_tasks(), 2, "train"):
+        assert suite.task(row["task_name"]).apply(row["input"].split()) == row["output"]
+
+
+def test_synthetic_dataset():
+    suite = SyntheticSuite(seed=0, num_train_tasks=40)
+    ds = synthetic_dataset("heldout", num_instances=2, suite=suite)
+    assert len(ds) == 2 * len(suite.heldout_tasks())
+    assert set(ds.column_names) == KEYS
+    assert ds[0]["choices"] == [] and ds[0]["references"] == [ds[0]["output"]]
+    assert ds[0]["instruction"] in suite.task(ds[0]["task_name"]).instructions(train=False)
+    assert len(synthetic_dataset("train", num_instances=1, suite=suite)) == 40
+
+
+def test_tokenizer_round_trip(tmp_path, suite, tokenizer):
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert len(tokenizer) == len(suite.vocabulary()) + 3
+    rows = suite.examples(suite.train_tasks()[:10], 2, "train") + suite.examples(suite.heldout_tasks(), 2, "eval")
+    texts = [r[f] for r in rows for f in ("instruction", "input", "output")] + suite.pretraining_texts(20)
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    assert not (encoded.input_ids == tokenizer.unk_token_id).any()
+    assert encoded.input_ids.shape == encoded.attention_mask.shape
+    lengths = encoded.attention_mask.sum(-1)
+    for row, length in zip(encoded.input_ids, lengths):
+        assert row[length - 1] == tokenizer.eos_token_id and (row[length:] == tokenizer.pad_token_id).all()
+    decoded = tokenizer.batch_decode(encoded.input_ids, skip_special_tokens=True)
+    for text, back in zip(texts, decoded):
+        assert back.split() == text.lower().split() or words_of(back) == words_of(text)
+    data = [r["input"] for r in rows] + [r["output"] for r in rows]
+    assert tokenizer.batch_decode(tokenizer(data).input_ids, skip_special_tokens=True) == data
+    assert tokenizer.decode(tokenizer("First reverse the words.").input_ids, skip_special_tokens=True) == (
+        "first reverse the words."
+    )
+    # One token per word: sequences stay short.
+    assert len(tokenizer("cat sun red").input_ids) == 4
+
+    tokenizer.save_pretrained(tmp_path)
+    for loader in (PreTrainedTokenizerFast, AutoTokenizer):
+        loaded = loader.from_pretrained(tmp_path)
+        assert loaded(texts).input_ids == tokenizer(texts).input_ids
+        assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2)
+        assert loaded.batch_decode(loaded(data).input_ids, skip_special_tokens=True) == data
+
+
+def test_build_word_tokenizer_unknown_and_duplicates():
+    tok = build_word_tokenizer(["Cat", "cat", "sun", "<pad>", "."], model_max_length=16)
+    assert len(tok) == 6 and tok.model_max_length == 16
+    ids = tok("cat zebra sun.").input_ids
+    assert ids == [3, 2, 4, 5, 1]
+    assert tok.decode(ids, skip_special_tokens=True) == "cat sun."
+    with pytest.raises(ValueError):
+        build_word_tokenizer(["two words"])
