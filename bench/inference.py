@@ -1,0 +1,182 @@
+"""1. Inference for one task of n instances: the instruction read once (TAGI) against the instruction read n times.
+
+Variants, all with the same batching and the same decoding work (teacher-forced forward over the output tokens, or
+greedy generation of exactly output_len tokens with `--decode generate`):
+
+(a) concat:   the base model + a plain PEFT LoRA (q, v), reading [instruction ; input] for every instance
+              (meta-train style, as Tk-Instruct).
+(b) tagi:     TAGI with instruction fusion: `generate_adapter` once (its time is part of the task's total), then
+              `use_adapter` and the inputs alone; the decoder cross-attends to the cached instruction states.
+(c) merged:   a TAGI model without fusion, its adapter merged into the weights (`merge_and_unload` under
+              `use_adapter`), inputs alone. The once-per-task set-up (generate + merge) is timed apart.
+(d) base:     the base model on the input alone: the floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import (
+    Sizes,
+    decoder_inputs,
+    interleaved,
+    lora_model,
+    plain_model,
+    progress,
+    ratio_entry,
+    summary,
+    tagi_model,
+    timed,
+    tokens,
+)
+
+VARIANTS = ("a_concat_lora", "b_tagi_fusion", "c_tagi_merged", "d_base_input_only")
+GOAL_B_OVER_A = 0.45
+GOAL_C_OVER_D = 1.02
+
+
+def _decode_fn(s: Sizes, decode: str):
+    if decode == "forward":
+
+        def run(model, ids, mask, dec):
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+    elif decode == "generate":
+
+        def run(model, ids, mask, dec):
+            return model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=s.output_len, min_new_tokens=s.output_len,
+                do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=1,
+            )  # fmt: skip
+
+    else:
+        raise ValueError(f"decode must be 'forward' or 'generate', got {decode!r}")
+    return run
+
+
+def run(
+    s: Sizes, device: torch.device, decode: str = "forward", variants=VARIANTS, repeats: int | None = None
+) -> dict:
+    repeats = s.repeats if repeats is None else repeats
+    generator = torch.Generator().manual_seed(0)
+    n, bs = s.n_instances, s.batch_size
+    instruction = tokens(1, s.instruction_len, s, generator).to(device)
+    instruction_mask = torch.ones_like(instruction)
+    inputs = tokens(n, s.input_len, s, generator)
+    dec = decoder_inputs(n, s, generator)
+    concat = torch.cat([instruction.cpu().expand(n, -1), inputs], dim=1)
+
+    def batches(ids):
+        out = []
+        for start in range(0, n, bs):
+            chunk = ids[start : start + bs].to(device)
+            out.append((chunk, torch.ones_like(chunk), dec[start : start + bs].to(device)))
+        return out
+
+    input_batches, concat_batches = batches(inputs), batches(concat)
+    decode_batch = _decode_fn(s, decode)
+
+    def run_batches(model, batch_list):
+        for ids, mask, d in batch_list:
+            decode_batch(model, ids, mask, d)
+
+    fns, details, notes = {}, {}, []
+    generation_times: list[float] = []
+    with torch.no_grad():
+        if "a_concat_lora" in variants:
+            lora = lora_model(s, device)
+            fns["a_concat_lora"] = lambda: run_batches(lora, concat_batches)
+        if "b_tagi_fusion" in variants:
+            tagi_b = tagi_model(s, device, fusion=True)
+
+            def task_b():
+                holder = {}
+
+                def generate():
+                    holder["adapter"] = tagi_b.base_model.generate_adapter(instruction, instruction_mask)[0]
+
+                generation_times.append(timed(generate, device))  # synchronised: part of the task's total
+                with tagi_b.base_model.use_adapter(holder["adapter"]):
+                    run_batches(tagi_b, input_batches)
+
+            fns["b_tagi_fusion"] = task_b
+        if "c_tagi_merged" in variants:
+            tagi_c = tagi_model(s, device, fusion=False)
+            holder = {}
+
+            def setup_c():
+                adapter = tagi_c.base_model.generate_adapter(instruction, instruction_mask)[0]
+                with tagi_c.base_model.use_adapter(adapter):
+                    holder["model"] = tagi_c.merge_and_unload()
+
+            tagi_c.base_model.generate_adapter(instruction, instruction_mask)  # warm-up, untimed
+            details["c_setup_generate_and_merge_s"] = timed(setup_c, device)
+            merged = holder["model"].eval()
+            fns["c_tagi_merged"] = lambda: run_batches(merged, input_batches)
+        if "d_base_input_only" in variants:
+            base = plain_model(s, device)
+            fns["d_base_input_only"] = lambda: run_batches(base, input_batches)
+
+        times = interleaved(fns, repeats, s.warmup, device, label="inference")
+
+    absolute = {name: summary(values) for name, values in times.items()}
+    ratios = {}
+    if "b_tagi_fusion" in times and "a_concat_lora" in times:
+        ratios["b/a tagi_vs_concat"] = ratio_entry(times, "b_tagi_fusion", "a_concat_lora", GOAL_B_OVER_A)
+    if "c_tagi_merged" in times and "d_base_input_only" in times:
+        ratios["c/d merged_vs_base"] = ratio_entry(
+            times, "c_tagi_merged", "d_base_input_only", GOAL_C_OVER_D,
+            note="steady state: the once-per-task generate + merge is excluded (see c_with_setup/d)",
+        )  # fmt: skip
+        setup = details["c_setup_generate_and_merge_s"]
+        with_setup = {"c_with_setup": [t + setup for t in times["c_tagi_merged"]], **times}
+        ratios["c_with_setup/d"] = ratio_entry(with_setup, "c_with_setup", "d_base_input_only")
+    if "b_tagi_fusion" in times and "d_base_input_only" in times:
+        ratios["b/d tagi_vs_base"] = ratio_entry(times, "b_tagi_fusion", "d_base_input_only")
+    if "a_concat_lora" in times and "d_base_input_only" in times:
+        ratios["a/d concat_vs_base"] = ratio_entry(times, "a_concat_lora", "d_base_input_only")
+    if generation_times:
+        # the warm-up calls also generated adapters: keep the timed rounds only
+        generation_times = generation_times[-len(times["b_tagi_fusion"]) :]
+        absolute["b_adapter_generation_part"] = summary(generation_times)
+        details["b_generation_share_of_task"] = float(
+            absolute["b_adapter_generation_part"]["median"] / absolute["b_tagi_fusion"]["median"]
+        )
+    if "c_setup_generate_and_merge_s" in details:
+        absolute["c_setup_generate_and_merge_once"] = summary([details["c_setup_generate_and_merge_s"]])
+    t, i = s.instruction_len, s.input_len
+    details.update(
+        {
+            "decode": decode,
+            "n_instances": n,
+            "batch_size": bs,
+            "instruction_len": t,
+            "input_len": i,
+            "output_len": s.output_len,
+            "r": s.r,
+            "encoder_token_ratio_b_over_a": (t + n * i) / (n * (t + i)),
+            "instances_per_s": {name: n / absolute[name]["median"] for name in times},
+        }
+    )
+    notes.append(
+        f"per task of {n} instances in batches of {bs}; the decoder of (a) and (b) attends to {t + i} states "
+        f"each, so only the encoder work differs; encoder tokens (t + n*i)/(n*(t + i)) = "
+        f"{details['encoder_token_ratio_b_over_a']:.3f}"
+    )
+    if "c_setup_generate_and_merge_s" in details:
+        notes.append(
+            f"(c) once per task: generate_adapter + merge_and_unload took {details['c_setup_generate_and_merge_s']:.3f}"
+            " s (timed once, excluded from c/d, included in c_with_setup/d)"
+        )
+    progress(f"  inference done ({decode})")
+    return {
+        "description": (
+            f"One task of {n} instances, batch {bs}, {decode} over {s.output_len} output tokens: (a) plain LoRA reading "
+            f"instruction ({t}) + input ({i}); (b) TAGI, adapter generated once (included), fusion states cached; "
+            "(c) TAGI adapter merged into the weights (no fusion); (d) base model, input only."
+        ),
+        "absolute": absolute,
+        "ratios": ratios,
+        "details": details,
+        "notes": notes,
+    }

@@ -1,0 +1,118 @@
+"""bench/: the smoke run of every benchmark writes a complete JSON report, and the timing helpers pair rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+EXPECTED_RATIOS = {
+    "inference": ["b/a tagi_vs_concat", "c/d merged_vs_base"],
+    "generation": ["generate_adapter/encoder_forward"],
+    "mixed_batch": ["per_example/merged"],
+    "training": ["distill/lora time", "distill/lora peak memory"],
+}
+EXPECTED_ABSOLUTE = {
+    "inference": ["a_concat_lora", "b_tagi_fusion", "c_tagi_merged", "d_base_input_only"],
+    "generation": ["generate_adapter", "encoder_forward"],
+    "mixed_batch": ["per_example_adapters", "merged_lora"],
+    "training": ["distill_step", "lora_step", "distill_peak_memory", "lora_peak_memory"],
+}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        pytest.fail(f"bench/run.py --smoke failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text()), proc.stdout, out, elapsed
+
+
+def test_smoke_run_reports_every_benchmark(smoke):
+    report, stdout, out, elapsed = smoke
+    assert report["mode"] == "smoke" and report["device"] == "cpu"
+    assert set(report["benchmarks"]) == {"inference", "generation", "mixed_batch", "training", "scaling"}
+    for bench, names in EXPECTED_RATIOS.items():
+        ratios = report["benchmarks"][bench]["ratios"]
+        for name in names:
+            assert _positive(ratios[name]["value"]), (bench, name, ratios[name])
+            assert ratios[name]["goal_max"] is not None and isinstance(ratios[name]["met"], bool)
+    for bench, names in EXPECTED_ABSOLUTE.items():
+        absolute = report["benchmarks"][bench]["absolute"]
+        for name in names:
+            assert _positive(absolute[name]["median"]), (bench, name, absolute[name])
+    for bench, result in report["benchmarks"].items():
+        assert result["ratios"] and result["absolute"], bench
+        assert all(_positive(e["value"]) for e in result["ratios"].values()), bench
+        assert all(_positive(s["median"]) for s in result["absolute"].values()), bench
+    memory = report["benchmarks"]["training"]["details"]["memory"]
+    assert {"distill", "lora"} <= set(memory) and memory["lora"]["method"]
+    assert elapsed < 120, f"the smoke run took {elapsed:.0f} s"
+
+
+def test_smoke_run_scaling_goals_environment_and_output(smoke):
+    report, stdout, out, _ = smoke
+    scaling = report["benchmarks"]["scaling"]
+    grid = {(p["r"], p["instruction_len"]) for p in scaling["points"]}
+    sizes = report["sizes"]
+    assert grid == {(r, sizes["instruction_len"]) for r in sizes["scaling_r"]} | {
+        (sizes["r"], t) for t in sizes["scaling_t"]
+    }
+    for point in scaling["points"]:
+        for key in ("inference", "generation", "training_time"):
+            assert _positive(point[key]["value"]), (point["r"], point["instruction_len"], key)
+    assert Path(scaling["plot"]).is_file() and Path(scaling["plot"]).parent == out.parent
+    goals = report["goals"]
+    assert {g["benchmark"] for g in goals} >= set(EXPECTED_RATIOS)
+    assert report["all_goals_met"] == all(g["met"] for g in goals)
+    env = report["environment"]
+    for key in ("torch", "torch_threads", "cpu_model", "transformers", "peft"):
+        assert env[key] not in (None, ""), key
+    assert env["torch_threads"] == 1
+    assert report["deviations_from_full"] and any("smoke mode" in n for n in report["notes"])
+    for title in (
+        "1. Inference",
+        "2. Adapter generation",
+        "3. Mixed-task batch",
+        "4. Training",
+        "5. Scaling",
+        "Goals",
+    ):
+        assert title in stdout, title
+
+
+def test_interleaved_rotates_the_order_and_ratios_are_paired():
+    import torch
+
+    from bench.common import interleaved, ratio_entry
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = interleaved(fns, repeats=3, warmup=1, device=torch.device("cpu"))
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(v) == 3 for v in times.values())
+    entry = ratio_entry({"x": [2.0, 4.0, 9.0], "y": [1.0, 4.0, 3.0]}, "x", "y", goal_max=2.5)
+    assert entry["per_round"] == [2.0, 1.0, 3.0] and entry["value"] == 2.0 and entry["met"] is True
+    assert entry["ratio_of_medians"] == 4.0 / 3.0
