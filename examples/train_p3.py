@@ -15,7 +15,7 @@ from peft import get_peft_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from peft_tagi import TagiConfig, TagiTrainer, TagiTrainingArguments
-from peft_tagi.data.p3 import p3_examples
+from peft_tagi.data.p3 import p3_dataset_name, p3_examples
 from peft_tagi.metrics import choice_log_likelihoods, rank_classification_accuracy
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +33,11 @@ args = parser.parse_args()
 
 def subset(name):
     source = f"{args.p3}/{name}" if not args.p3.startswith("bigscience/") else name
-    return p3_examples(source, task_name=name, max_instances=args.max_instances, input_column="inputs_pretokenized")
+    # One teacher LoRA per P3 dataset (TAGI's grouping); a subset outside T0's lists is its own group.
+    category = p3_dataset_name(name) or name
+    return p3_examples(
+        source, task_name=name, category=category, max_instances=args.max_instances, input_column="inputs_pretokenized"
+    )
 
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)

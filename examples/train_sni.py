@@ -47,7 +47,7 @@ texts = [" ".join(x for x in (e["instruction"], e["input"], e["output"]) if x) f
 def run(stage, steps, data, **kw):
     targs = TagiTrainingArguments(
         output_dir=f"{args.output_dir}/{stage}", stage=stage, max_steps=steps, learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_ratio=0.02,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_steps=max(1, steps // 50),
         logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], predict_with_generate=True,
         generation_max_length=64,
     )  # fmt: skip

@@ -297,26 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        # Options from the file become defaults of the subcommand; flags given on the command line still win.
-        file_options = load_config_file(args.config)
-        subparser = parser._subparsers._group_actions[0].choices[args.command]
+    config_path = _option_value(argv, "--config")
+    command = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    if config_path and command:
+        # Options from the file become defaults of the subcommand (required flags included); flags still win.
+        file_options = load_config_file(config_path)
+        subparser = parser._subparsers._group_actions[0].choices[command]
         known = {action.dest for action in subparser._actions}
         unknown = sorted(set(file_options) - known)
         if unknown:
-            raise SystemExit(
-                f"error: {args.config} has unknown options {unknown}; see `peft-tagi {args.command} --help`."
-            )
+            raise SystemExit(f"error: {config_path} has unknown options {unknown}; see `peft-tagi {command} --help`.")
         subparser.set_defaults(**file_options)
         for action in subparser._actions:
             if action.dest in file_options:
                 action.required = False
-        args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,11 +128,10 @@ class TagiModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
         self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
-        targets = [TargetSpec(name, m.in_features, m.out_features) for name, m in self._layers.items()]
         embeddings = model.get_input_embeddings()
         hypernetwork = TagiHypernetwork(
             d_model=embeddings.embedding_dim,
-            targets=targets,
+            targets=self.target_specs,
             r=config.r,
             hidden_size=config.hypernetwork_hidden_size,
             module_embedding_dim=config.module_embedding_dim,
@@ -407,8 +406,6 @@ class TagiModel(BaseTuner):
         if instructions is not None and len(instructions) != input_ids.shape[0]:
             raise ValueError(f"Got {len(instructions)} instruction texts for {input_ids.shape[0]} rows.")
         config = self.tagi_config
-        fan_in_fan_out = any(layer.fan_in_fan_out for layer in self._layers.values())
-        base_name = getattr(self.model, "name_or_path", None) or config.base_model_name_or_path
         cache: dict[tuple[int, ...], TaskAdapter] = {}
         adapters = []
         for row in range(input_ids.shape[0]):
@@ -419,19 +416,41 @@ class TagiModel(BaseTuner):
                 states = self._encode(ids, mask)
                 weights = self.hypernetwork(states, mask)
                 _check_finite(weights)
-                cache[key] = TaskAdapter(
+                cache[key] = self.new_task_adapter(
                     lora_A={name: a[0].detach().clone() for name, (a, _) in weights.items()},
                     lora_B={name: b[0].detach().clone() for name, (_, b) in weights.items()},
-                    r=config.r,
-                    lora_alpha=config.lora_alpha,
-                    task_type=str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type),
-                    fan_in_fan_out=fan_in_fan_out,
                     instruction_states=states[0].detach().clone() if config.instruction_fusion else None,
                     instruction=None if instructions is None else instructions[row],
-                    base_model_name_or_path=base_name,
                 )
             adapters.append(cache[key])
         return adapters
+
+    def new_task_adapter(
+        self,
+        lora_A: dict[str, torch.Tensor],
+        lora_B: dict[str, torch.Tensor],
+        instruction_states: torch.Tensor | None = None,
+        instruction: str | None = None,
+    ) -> TaskAdapter:
+        """A `TaskAdapter` for this model's targets, rank, alpha and task type (A: (r, in), B: (out, r) per module)."""
+        config = self.tagi_config
+        task_type = config.task_type
+        return TaskAdapter(
+            lora_A=lora_A,
+            lora_B=lora_B,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            task_type=str(getattr(task_type, "value", task_type)),
+            fan_in_fan_out=any(layer.fan_in_fan_out for layer in self._layers.values()),
+            instruction_states=instruction_states,
+            instruction=instruction,
+            base_model_name_or_path=getattr(self.model, "name_or_path", None) or config.base_model_name_or_path,
+        )
+
+    @property
+    def target_specs(self) -> list[TargetSpec]:
+        """The targeted layers, in the order of the hypernetwork's module embeddings."""
+        return [TargetSpec(name, m.in_features, m.out_features) for name, m in self._layers.items()]
 
     @contextmanager
     def use_adapter(self, adapter: TaskAdapter) -> Iterator[TaskAdapter]:

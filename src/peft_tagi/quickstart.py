@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -403,7 +404,7 @@ def _write_report(output_dir: Path, results: dict) -> None:
     ax.bar([i - 0.2 for i in x], [results["rows"][n]["rougeL"] for n, _ in ROWS], width=0.4, label="ROUGE-L")
     ax.bar([i + 0.2 for i in x], [results["rows"][n]["exact_match"] for n, _ in ROWS], width=0.4, label="exact match")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([label.replace(" (", "\n(") for label in labels], fontsize=7)
+    ax.set_xticklabels([textwrap.fill(label, 24) for label in labels], fontsize=7)
     ax.set_ylim(0, 100)
     ax.set_title(f"{results['evaluated_on']}: {results['num_eval_examples']} examples")
     ax.legend()

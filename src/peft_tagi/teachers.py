@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,35 +78,21 @@ def safe_folder_name(name: str) -> str:
 def save_teachers(
     teachers: TeacherLoras,
     path: str | os.PathLike,
-    *,
-    r: int,
-    lora_alpha: float,
-    task_type: str,
-    fan_in_fan_out: bool,
+    new_adapter: Callable[..., TaskAdapter],
     group_by: str,
-    base_model_name_or_path: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write every teacher as a standard PEFT LoRA folder, plus `teachers.json` that indexes them.
 
+    `new_adapter(lora_A=..., lora_B=...)` makes a `TaskAdapter` of the model's targets (`TagiModel.new_task_adapter`).
     Layout: `meta/` (the logit teacher), `bank/<group>/` (one per task or category), `teachers.json`.
     """
     path = Path(path)
 
-    def adapter(lora_A, lora_B, instruction=None) -> TaskAdapter:
-        return TaskAdapter(
-            lora_A=lora_A,
-            lora_B=lora_B,
-            r=r,
-            lora_alpha=lora_alpha,
-            task_type=task_type,
-            fan_in_fan_out=fan_in_fan_out,
-            instruction=instruction,
-            base_model_name_or_path=base_model_name_or_path,
-        )
-
     def write(tmp: Path) -> None:
-        adapter(*teachers.meta.entry_weights(0)).save_lora(tmp / "meta")
+        meta_A, meta_B = teachers.meta.entry_weights(0)
+        meta = new_adapter(lora_A=meta_A, lora_B=meta_B)
+        meta.save_lora(tmp / "meta")
         folders, used = {}, set()
         for entry, group in enumerate(teachers.group_names):
             folder = safe_folder_name(group)
@@ -113,8 +100,9 @@ def save_teachers(
                 folder += "_"
             used.add(folder)
             folders[group] = f"bank/{folder}"
-            adapter(*teachers.bank.entry_weights(entry)).save_lora(tmp / "bank" / folder)
-        index = {"group_by": group_by, "meta": "meta", "bank": folders, "r": r, "lora_alpha": lora_alpha}
+            lora_A, lora_B = teachers.bank.entry_weights(entry)
+            new_adapter(lora_A=lora_A, lora_B=lora_B).save_lora(tmp / "bank" / folder)
+        index = {"group_by": group_by, "meta": "meta", "bank": folders, "r": meta.r, "lora_alpha": meta.lora_alpha}
         (tmp / TEACHERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     atomic_write_dir(path, write, overwrite=overwrite)

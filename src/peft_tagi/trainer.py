@@ -15,8 +15,8 @@ from peft import PeftModel
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.utils import logging
 
-from .data.collator import EXAMPLE_KEYS, STUDENT_KEYS, TagiDataCollator
-from .hypernetwork import TargetSpec
+from .data.collator import STUDENT_KEYS, TagiDataCollator
+from .data.example import EXAMPLE_KEYS
 from .losses import delta_alignment_loss, kd_kl_loss, label_token_logits
 from .model import TagiModel, TaskWeights
 from .teachers import TeacherLoras, load_teachers, save_teachers
@@ -188,9 +188,8 @@ class TagiTrainer(Seq2SeqTrainer):
     def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str]) -> None:
         adapter_name = tagi.active_adapters[0]
         if stage == "teachers":
-            targets = [TargetSpec(n, m.in_features, m.out_features) for n, m in tagi._layers.items()]
             device = tagi.model.get_input_embeddings().weight.device
-            teachers = TeacherLoras(targets, group_names, tagi.tagi_config.r).to(device)
+            teachers = TeacherLoras(tagi.target_specs, group_names, tagi.tagi_config.r).to(device)
             tagi.tagi_teachers = torch.nn.ModuleDict({adapter_name: teachers})
             tagi.tagi_hypernetwork.requires_grad_(False)
         else:
@@ -347,17 +346,11 @@ class TagiTrainer(Seq2SeqTrainer):
         if "tagi_teachers" not in tagi._modules:
             raise ValueError("No teachers to save: this trainer is not in stage 'teachers'.")
         path = Path(path or self.args.teachers_output_dir or Path(self.args.output_dir) / "teachers")
-        config = tagi.tagi_config
-        task_type = config.task_type.value if hasattr(config.task_type, "value") else str(config.task_type)
         saved = save_teachers(
             tagi.tagi_teachers[tagi.active_adapters[0]],
             path,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            task_type=task_type,
-            fan_in_fan_out=any(layer.fan_in_fan_out for layer in tagi._layers.values()),
+            tagi.new_task_adapter,
             group_by=self.args.group_by,
-            base_model_name_or_path=getattr(tagi.model, "name_or_path", None) or None,
             overwrite=self.args.overwrite_teachers,
         )
         logger.info(f"Wrote the meta-train LoRA and {len(self.group_names)} bank LoRAs to {saved}")

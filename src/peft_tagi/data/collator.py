@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-EXAMPLE_KEYS = ("task_name", "instruction", "input", "output", "category", "choices", "references")
 REQUIRED_KEYS = ("task_name", "instruction", "input", "output")
 STUDENT_KEYS = ("input_ids", "attention_mask", "labels", "instruction_input_ids", "instruction_attention_mask")
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")

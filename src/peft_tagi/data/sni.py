@@ -51,27 +51,15 @@ from typing import Any
 
 import datasets
 
+from .example import EXAMPLE_KEYS, example_features
+
 logger = logging.getLogger(__name__)
 
 EXPECTED_LAYOUT = (
     "tasks/<task_name>.json and splits/default/{train,test}_tasks.txt (the allenai/natural-instructions layout)"
 )
 
-EXAMPLE_KEYS = ("task_name", "instruction", "input", "output", "category", "choices", "references")
-
-# Explicit features so that every reader's dataset has one schema (empty `choices` lists would otherwise be typed
-# as null and refuse to concatenate with P3 datasets that have choices).
-EXAMPLE_FEATURES = datasets.Features(
-    {
-        "task_name": datasets.Value("string"),
-        "instruction": datasets.Value("string"),
-        "input": datasets.Value("string"),
-        "output": datasets.Value("string"),
-        "category": datasets.Value("string"),
-        "choices": datasets.Sequence(datasets.Value("string")),
-        "references": datasets.Sequence(datasets.Value("string")),
-    }
-)
+EXAMPLE_FEATURES = example_features()
 
 
 def _end_with_punctuation(text: str) -> str:

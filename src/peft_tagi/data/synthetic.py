@@ -588,23 +588,15 @@ def synthetic_dataset(
     """
     import datasets
 
+    from .example import example_features
+
     suite = suite if suite is not None else SyntheticSuite()
     if tasks not in ("train", "heldout"):
         raise ValueError(f"tasks must be 'train' or 'heldout', got {tasks!r}.")
     chosen = suite.train_tasks() if tasks == "train" else suite.heldout_tasks()
     split = split if split is not None else ("train" if tasks == "train" else "eval")
     rows = suite.examples(chosen, num_instances=num_instances, split=split, seed=seed)
-    features = datasets.Features(
-        {
-            "task_name": datasets.Value("string"),
-            "instruction": datasets.Value("string"),
-            "input": datasets.Value("string"),
-            "output": datasets.Value("string"),
-            "category": datasets.Value("string"),
-            "choices": datasets.Sequence(datasets.Value("string")),
-            "references": datasets.Sequence(datasets.Value("string")),
-        }
-    )
+    features = example_features()
     return datasets.Dataset.from_list(rows, features=features)
 
 

@@ -1,0 +1,230 @@
+"""Bad input gets a clear error; generated adapters are deterministic; the package never unpickles."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch, randomize_hypernetwork, run_python, tiny_gpt2, tiny_t5
+from peft import get_peft_model
+
+from peft_tagi import TagiConfig, TaskAdapter
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "peft_tagi"
+
+
+def tagi(fusion: bool = False, **config):
+    model = get_peft_model(
+        tiny_t5(),
+        TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, instruction_fusion=fusion, hypernetwork_hidden_size=32, **config),
+    )
+    randomize_hypernetwork(model)
+    return model
+
+
+def exported(tmp_path, **config) -> Path:
+    model = tagi(**config)
+    [adapter] = model.generate_adapter(make_batch("t5")["instruction_input_ids"][:1])
+    return adapter.save_lora(tmp_path / "lora")
+
+
+def _empty_instruction():
+    batch = make_batch("t5")
+    batch["instruction_attention_mask"][1] = 0
+    tagi()(**batch)
+
+
+def _no_instruction():
+    batch = make_batch("t5")
+    tagi()(input_ids=batch["input_ids"], labels=batch["labels"])
+
+
+def _too_long_refused():
+    batch = make_batch("t5")
+    tagi(max_instruction_length=3, instruction_overflow="error")(**batch)
+
+
+def _batch_mismatch():
+    batch = make_batch("t5")
+    batch["instruction_input_ids"] = batch["instruction_input_ids"][:2]
+    batch["instruction_attention_mask"] = batch["instruction_attention_mask"][:2]
+    tagi()(**batch)
+
+
+def _adapter_of_other_shapes():
+    model = tagi()
+    other = get_peft_model(tiny_gpt2(), TagiConfig(task_type="CAUSAL_LM", r=4))
+    [adapter] = other.generate_adapter(torch.tensor([[5, 6, 7]]))
+    with model.use_adapter(adapter):
+        pass
+
+
+def _adapter_of_other_rank():
+    model = tagi()
+    small = get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=2, instruction_fusion=False))
+    [adapter] = small.generate_adapter(torch.tensor([[5, 6, 7]]))
+    with model.use_adapter(adapter):
+        pass
+
+
+def _nan_weights():
+    model = tagi()
+    with torch.no_grad():
+        next(iter(model.base_model.hypernetwork.heads_B.values())).bias.fill_(float("nan"))
+    model(**make_batch("t5"))
+
+
+def _missing_target_modules():
+    get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q_proj"]))
+
+
+def _decoder_only_as_seq2seq():
+    get_peft_model(tiny_gpt2(), TagiConfig(task_type="SEQ_2_SEQ_LM"))
+
+
+def _fusion_adapter_missing_states(tmp_path):
+    folder = exported(tmp_path)
+    with tagi(fusion=True).use_adapter(TaskAdapter.load(folder)):
+        pass
+
+
+def _truncated_safetensors(tmp_path):
+    folder = exported(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    TaskAdapter.load(folder)
+
+
+def _unknown_peft_type(tmp_path):
+    folder = exported(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["peft_type"] = "MYSTERY"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    TaskAdapter.load(folder)
+
+
+def _missing_config_fields(tmp_path):
+    folder = exported(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["r"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    TaskAdapter.load(folder)
+
+
+def _existing_folder(tmp_path):
+    folder = exported(tmp_path)
+    [adapter] = tagi().generate_adapter(torch.tensor([[5, 6]]))
+    adapter.save_lora(folder)
+
+
+BAD_INPUTS = [
+    # (case, error type, what the message must say: the problem and the fix)
+    (_empty_instruction, ValueError, r"rows \[1\] are empty.*needs a non-empty task instruction"),
+    (_no_instruction, ValueError, r"No instruction_input_ids and no active TaskAdapter.*use_adapter"),
+    (_too_long_refused, ValueError, r"more than max_instruction_length=3.*raise TagiConfig.max_instruction_length"),
+    (_batch_mismatch, ValueError, r"3 inputs but 2 instructions.*one instruction row per input row"),
+    (_adapter_of_other_shapes, ValueError, r"targets other modules than this model.*another base model"),
+    (_adapter_of_other_rank, ValueError, r"have shapes A\(2, 32\).*expects A\(4, 32\).*another rank"),
+    (_nan_weights, ValueError, r"contain NaN or inf.*reload a good checkpoint"),
+    (_missing_target_modules, ValueError, r"Target modules .*q_proj.* not found"),
+    (_decoder_only_as_seq2seq, ValueError, r"needs an encoder-decoder model.*task_type='CAUSAL_LM'"),
+    (_fusion_adapter_missing_states, ValueError, r"no instruction states.*TaskAdapter.load"),
+    (_truncated_safetensors, ValueError, r"not a readable safetensors file.*truncated or corrupt"),
+    (_unknown_peft_type, ValueError, r"peft_type='MYSTERY'.*holds a LoRA"),
+    (_missing_config_fields, ValueError, r"lacks the fields \['r'\].*re-export"),
+    (_existing_folder, FileExistsError, r"is not empty; pass overwrite=True"),
+]
+
+
+@pytest.mark.parametrize(("case", "error", "message"), BAD_INPUTS, ids=[c[0].__name__.strip("_") for c in BAD_INPUTS])
+def test_bad_input_is_explained(case, error, message, tmp_path):
+    kwargs = {"tmp_path": tmp_path} if "tmp_path" in case.__code__.co_varnames else {}
+    with pytest.raises(error) as info:
+        case(**kwargs)
+    assert re.search(message, str(info.value), flags=re.S), str(info.value)
+
+
+def test_too_long_instruction_is_truncated_with_a_warning(caplog):
+    model = tagi(max_instruction_length=3)
+    batch = make_batch("t5")
+    with caplog.at_level("WARNING"):
+        out = model(**batch)
+    assert "keeping the first 3 tokens" in caplog.text
+    cut = {k: v for k, v in batch.items()}
+    cut["instruction_input_ids"] = batch["instruction_input_ids"][:, :3]
+    cut["instruction_attention_mask"] = batch["instruction_attention_mask"][:, :3]
+    assert torch.allclose(out.logits, model(**cut).logits, atol=1e-6)
+
+
+def test_a_failed_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
+    folder = exported(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    [adapter] = tagi().generate_adapter(torch.tensor([[9, 8, 7]]))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("peft_tagi.adapter.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        adapter.save_lora(folder, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"], "a temporary folder was left behind"
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def _weights_bytes(adapter: TaskAdapter) -> bytes:
+    return b"".join(
+        adapter.lora_A[n].numpy().tobytes() + adapter.lora_B[n].numpy().tobytes() for n in adapter.target_modules
+    )
+
+
+def test_same_instruction_gives_bitwise_identical_adapters_across_calls_positions_and_processes(tmp_path):
+    model = tagi(fusion=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    tiny_t5().save_pretrained(tmp_path / "base")
+    instruction = torch.tensor([[11, 12, 13, 14]])
+    [alone] = model.generate_adapter(instruction)
+    [again] = model.generate_adapter(instruction)
+    batch = torch.tensor([[20, 21, 22, 23, 24, 25], [11, 12, 13, 14, 0, 0], [30, 31, 0, 0, 0, 0]])
+    mask = (batch != 0).long()
+    in_batch = model.generate_adapter(batch, mask)[1]
+    assert _weights_bytes(alone) == _weights_bytes(again) == _weights_bytes(in_batch)
+    assert torch.equal(alone.instruction_states, in_batch.instruction_states)
+    alone.save_lora(tmp_path / "here")
+    run_python(
+        "import torch, peft_tagi\n"
+        "from peft import PeftModel\n"
+        "from transformers import T5ForConditionalGeneration\n"
+        f"root = {str(tmp_path)!r}\n"
+        "model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(root + '/base'), root + '/ckpt')\n"
+        "[a] = model.generate_adapter(torch.tensor([[11, 12, 13, 14]]))\n"
+        "a.save_lora(root + '/there')\n"
+    )
+    assert (tmp_path / "here" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "there" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+# ---------------------------------------------------------------- security
+
+
+def test_package_writes_safetensors_only_and_never_unpickles():
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        for line_no, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
+                problems.append(f"{path.name}:{line_no}: torch.load without weights_only=True")
+            if re.search(r"\b(import pickle|from pickle|pickle\.load|cloudpickle|dill|joblib\.load)", code):
+                problems.append(f"{path.name}:{line_no}: unpickling")
+            if "trust_remote_code=True" in code:
+                problems.append(f"{path.name}:{line_no}: trust_remote_code")
+            if re.search(r"\btorch\.save\(|\.bin[\"']", code):
+                problems.append(f"{path.name}:{line_no}: a non-safetensors weight file")
+    assert not problems, "\n".join(problems)
