@@ -112,6 +112,8 @@ def test_config_file_rejects_unknown_options(tmp_path, base_dir):
     proc = cli("train", "--config", str(config), "--model", str(base_dir), "--output-dir", str(tmp_path / "o"),
                check=False)  # fmt: skip
     assert proc.returncode != 0 and "unknown options ['learning_rat']" in proc.stderr
+    proc = cli("train", "--config", str(tmp_path / "missing.yaml"), "--model", str(base_dir), check=False)
+    assert proc.returncode != 0 and "config file" in proc.stderr and "not found" in proc.stderr
 
 
 def test_quickstart_fast_writes_the_report(tmp_path):

@@ -15,6 +15,8 @@ logger = logging.getLogger("peft_tagi.cli")
 # ---------------------------------------------------------------------------------------------------- loading
 def load_config_file(path: str) -> dict:
     """Options from a YAML or JSON file; keys are flag names with '-' or '_' (e.g. max_steps or max-steps)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: config file {path} not found.")
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
