@@ -88,7 +88,10 @@ class QuickstartConfig:
     learning_rate: float = 3e-3
     instruction_fusion: bool = True
     lambda_kl: float = 5.0
-    lambda_ins: str | float = "sigmoid"
+    # Chosen on left-out training tasks (validation_tasks=12): ΔW alignment to the per-category teachers lowered
+    # TAGI's ROUGE-L from 24.5 to 19.8 there, so the quickstart trains without it (the trainer's default keeps the
+    # paper's "sigmoid"; bench/ablation.py measures both).
+    lambda_ins: str | float = 0.0
     validation_tasks: int = 0
     group_by: str = "category"
     demonstrations: bool = True
