@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = ("train", "generate-adapter", "export", "evaluate", "quickstart")
-logger = logging.getLogger("peft_tagi.cli")
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -62,10 +62,6 @@ class TagiLinear(nn.Module, BaseTunerLayer):
                 raise ValueError("Several task weight sets need a row_index that maps each batch row to one of them.")
         self._task_A, self._task_B, self._row_index = lora_A, lora_B, row_index
 
-    @property
-    def has_task_weights(self) -> bool:
-        return self._task_A is not None
-
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B · A of the single installed task, shaped like the base weight."""
         if self._task_A is None or self._task_A.shape[0] != 1:

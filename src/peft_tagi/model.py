@@ -20,8 +20,6 @@ from .layer import TagiLinear
 
 logger = logging.get_logger(__name__)
 
-INSTRUCTION_KEYS = ("instruction_input_ids", "instruction_attention_mask")
-
 
 @dataclass
 class EncodedInstructions:

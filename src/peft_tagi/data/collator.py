@@ -9,7 +9,6 @@ import torch
 
 REQUIRED_KEYS = ("task_name", "instruction", "input", "output")
 STUDENT_KEYS = ("input_ids", "attention_mask", "labels", "instruction_input_ids", "instruction_attention_mask")
-TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
 
 
 @dataclass
