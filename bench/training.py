@@ -90,12 +90,11 @@ def _random_bank(targets, n: int, r: int, seed: int, device: torch.device):
 def setup_distill(s: Sizes, device: torch.device, cache: bool = True):
     """The student/teacher model, its teachers and optimizer; returns (step function, model, optimizer)."""
     from peft_tagi import TaskWeights
-    from peft_tagi.hypernetwork import TargetSpec
-    from peft_tagi.losses import delta_alignment_loss, kd_kl_loss, label_token_logits
+    from peft_tagi.losses import bank_alignment_loss, kd_kl_loss, label_token_logits
 
     model = tagi_model(s, device, fusion=True, cache=cache)
     tagi = model.base_model
-    targets = [TargetSpec(n, m.in_features, m.out_features) for n, m in tagi._layers.items()]
+    targets = tagi.target_specs
     meta = _random_bank(targets, 1, s.r, seed=3, device=device)
     meta_weights = TaskWeights(weights=meta, row_index=None, states=None, states_mask=None)
     bank = _random_bank(targets, s.train_tasks, s.r, seed=4, device=device)
@@ -123,11 +122,7 @@ def setup_distill(s: Sizes, device: torch.device, cache: bool = True):
             label_token_logits(out.logits, labels, False), label_token_logits(teacher_logits, labels, False), 2.0
         )
         generated = tagi.last_task_weights
-        n_tasks = next(iter(generated.weights.values()))[0].shape[0]
-        group = torch.full((n_tasks,), -1, dtype=torch.long, device=labels.device)
-        group[generated.row_index] = batch["task_index"]
-        reference = {name: (a[group], b[group]) for name, (a, b) in bank.items()}
-        ins = delta_alignment_loss(generated.weights, reference, scaling, scaling)
+        ins = bank_alignment_loss(generated.weights, generated.row_index, batch["task_index"], bank, scaling, scaling)
         loss = out.loss + 5.0 * kl + torch.sigmoid(ins.detach()) * ins
         loss.backward()
         optimizer.step()

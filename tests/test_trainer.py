@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 
 from peft_tagi import TagiConfig, TagiDataCollator, TagiTrainer, TagiTrainingArguments
 from peft_tagi.data.pretraining import pretraining_dataset, split_pretraining_text
-from peft_tagi.losses import delta_alignment_loss, kd_kl_loss, lowrank_delta_distance
+from peft_tagi.losses import bank_alignment_loss, delta_alignment_loss, kd_kl_loss, lowrank_delta_distance
 from peft_tagi.teachers import load_teachers
 
 
@@ -195,6 +195,11 @@ def test_lowrank_delta_distance_equals_dense():
     assert torch.allclose(lowrank_delta_distance(M @ A, B @ torch.linalg.inv(M), 0.5, A2, B2, 2.0), dense, rtol=1e-3)
     valid = torch.tensor([True, False, True])
     loss = delta_alignment_loss({"m": (A, B)}, {"m": (A2, B2)}, 0.5, 2.0, valid)
+    assert torch.allclose(loss, dense[valid].mean(), rtol=1e-4)
+    # rows 0 and 3 share task 0; task 1 has no bank entry (-1) and is left out; the bank holds (A2, B2) in order
+    loss = bank_alignment_loss(
+        {"m": (A, B)}, torch.tensor([0, 1, 2, 0]), torch.tensor([0, -1, 2, 0]), {"m": (A2, B2)}, 0.5, 2.0
+    )
     assert torch.allclose(loss, dense[valid].mean(), rtol=1e-4)
 
 

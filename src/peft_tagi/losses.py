@@ -61,6 +61,28 @@ def lowrank_delta_distance(
     return (own + ref - 2 * cross).clamp_min(0.0)
 
 
+def bank_alignment_loss(
+    generated_weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    row_index: torch.Tensor,
+    entry_index: torch.Tensor,
+    bank: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    bank_scaling: float,
+) -> torch.Tensor:
+    """ΔW alignment of generated weights to the bank entry of each task.
+
+    Shapes: generated A (T, r, in), B (T, out, r) for T unique instructions; `row_index` (batch,) maps rows to them;
+    `entry_index` (batch,) is each row's bank entry, -1 when the bank has none (such tasks are left out); bank A
+    (G, r', in), B (G, out, r').
+    """
+    n_tasks = next(iter(generated_weights.values()))[0].shape[0]
+    entry_of_task = torch.full((n_tasks,), -1, dtype=torch.long, device=entry_index.device)
+    entry_of_task[row_index] = entry_index
+    index = entry_of_task.clamp_min(0)
+    reference = {name: (a[index], b[index]) for name, (a, b) in bank.items()}
+    return delta_alignment_loss(generated_weights, reference, scaling, bank_scaling, valid=entry_of_task >= 0)
+
+
 def delta_alignment_loss(
     generated: dict[str, tuple[torch.Tensor, torch.Tensor]],
     reference: dict[str, tuple[torch.Tensor, torch.Tensor]],

@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from .data.collator import STUDENT_KEYS, TagiDataCollator
 from .data.example import EXAMPLE_KEYS
-from .losses import delta_alignment_loss, kd_kl_loss, label_token_logits
+from .losses import bank_alignment_loss, kd_kl_loss, label_token_logits
 from .model import TagiModel, TaskWeights
 from .teachers import TeacherLoras, load_teachers, save_teachers
 
@@ -269,14 +269,13 @@ class TagiTrainer(Seq2SeqTrainer):
 
     def _alignment_term(self, tagi: TagiModel, task_index: torch.Tensor) -> torch.Tensor:
         generated = tagi.last_task_weights
-        n_tasks = next(iter(generated.weights.values()))[0].shape[0]
-        group_of_task = torch.full((n_tasks,), -1, dtype=torch.long, device=task_index.device)
-        group_of_task[generated.row_index] = task_index
-        valid = group_of_task >= 0
-        index = group_of_task.clamp_min(0)
-        reference = {name: (a[index], b[index]) for name, (a, b) in self._bank_weights.items()}
-        return delta_alignment_loss(
-            generated.weights, reference, tagi.tagi_config.scaling, self._bank_scaling, valid=valid
+        return bank_alignment_loss(
+            generated.weights,
+            generated.row_index,
+            task_index,
+            self._bank_weights,
+            tagi.tagi_config.scaling,
+            self._bank_scaling,
         )
 
     def _teachers_loss(self, model, inputs):
