@@ -490,9 +490,12 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 def _check_finite(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for name, (lora_A, lora_B) in weights.items():
-        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-            raise ValueError(
-                f"The generated LoRA weights for {name} contain NaN or inf: the hypernetwork diverged or was loaded "
-                "from a damaged checkpoint. Lower the learning rate or reload a good checkpoint."
-            )
+    # One device sync per call (this runs on every training forward), the per-module search only on failure.
+    finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(b).all() for a, b in weights.values()])
+    if bool(finite.all()):
+        return
+    name = list(weights)[int((~finite).nonzero()[0])]
+    raise ValueError(
+        f"The generated LoRA weights for {name} contain NaN or inf: the hypernetwork diverged or was loaded "
+        "from a damaged checkpoint. Lower the learning rate or reload a good checkpoint."
+    )
