@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_batch, randomize_hypernetwork, run_python, tiny_gpt2, tiny_t5
-from peft import get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import T5ForConditionalGeneration
 
 from peft_tagi import TagiConfig, TaskAdapter
 
@@ -23,6 +24,12 @@ def tagi(fusion: bool = False, **config):
     )
     randomize_hypernetwork(model)
     return model
+
+
+def tiny_t5_wider() -> T5ForConditionalGeneration:
+    config = tiny_t5().config
+    config.d_model = 48
+    return T5ForConditionalGeneration(config).eval()
 
 
 def exported(tmp_path, **config) -> Path:
@@ -114,6 +121,34 @@ def _missing_config_fields(tmp_path):
     TaskAdapter.load(folder)
 
 
+def _exported_lora_on_a_wider_base_with_plain_peft(tmp_path):
+    # peft's own message (plain peft loading runs no peft-tagi code): it names each module and both shapes. The
+    # fix, loading onto the base the adapter was generated for, is in the exported README and adapter_config.
+    PeftModel.from_pretrained(tiny_t5_wider(), exported(tmp_path))
+
+
+def _exported_lora_on_a_wider_base_with_peft_tagi(tmp_path):
+    wider = get_peft_model(tiny_t5_wider(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, instruction_fusion=False))
+    with wider.use_adapter(TaskAdapter.load(exported(tmp_path))):
+        pass
+
+
+def _corrupt_checkpoint(tmp_path):
+    tagi().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
+
+
+def _checkpoint_folder_exists(tmp_path):
+    tagi().save_pretrained(tmp_path / "ckpt")
+    tagi().save_pretrained(tmp_path / "ckpt")
+
+
+def _pickled_checkpoint(tmp_path):
+    tagi().save_pretrained(tmp_path / "ckpt", safe_serialization=False)
+
+
 def _existing_folder(tmp_path):
     folder = exported(tmp_path)
     [adapter] = tagi().generate_adapter(torch.tensor([[5, 6]]))
@@ -136,6 +171,15 @@ BAD_INPUTS = [
     (_unknown_peft_type, ValueError, r"peft_type='MYSTERY'.*holds a LoRA"),
     (_missing_config_fields, ValueError, r"lacks the fields \['r'\].*re-export"),
     (_existing_folder, FileExistsError, r"is not empty; pass overwrite=True"),
+    (
+        _exported_lora_on_a_wider_base_with_plain_peft,
+        RuntimeError,
+        r"size mismatch for .*SelfAttention\.q\.lora_A.*\[4, 32\]\) from checkpoint.*current model is torch\.Size\(\[4, 48\]\)",
+    ),
+    (_exported_lora_on_a_wider_base_with_peft_tagi, ValueError, r"A\(4, 32\).*expects A\(4, 48\).*other shapes"),
+    (_corrupt_checkpoint, ValueError, r"ckpt/adapter_model\.safetensors is not a readable.*save or download it again"),
+    (_checkpoint_folder_exists, FileExistsError, r"not empty; pass overwrite=True to save_pretrained"),
+    (_pickled_checkpoint, ValueError, r"safetensors only"),
 ]
 
 
@@ -172,6 +216,53 @@ def test_a_failed_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
         adapter.save_lora(folder, overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["lora"], "a temporary folder was left behind"
+
+
+def _hypernetwork_bytes(model) -> bytes:
+    return b"".join(p.detach().numpy().tobytes() for p in model.base_model.tagi_hypernetwork.parameters())
+
+
+def test_save_pretrained_overwrite_replaces_the_adapter_and_keeps_the_rest(tmp_path):
+    first, second = tagi(), tagi()
+    randomize_hypernetwork(second, seed=7)
+    first.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    readme = tmp_path / "ckpt" / "README.md"
+    readme.write_text(readme.read_text() + "\nMy own notes.\n")
+    second.save_pretrained(tmp_path / "ckpt", overwrite=True)
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "mine"
+    assert "My own notes." in readme.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "a temporary folder was left behind"
+    loaded = PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
+    assert _hypernetwork_bytes(loaded) == _hypernetwork_bytes(second) != _hypernetwork_bytes(first)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "overwrite"])
+def test_a_failed_save_pretrained_leaves_nothing_half_written(tmp_path, monkeypatch, existing):
+    folder = tmp_path / "ckpt"
+    if existing:
+        tagi().save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()} if existing else None
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", crash)
+    model = tagi()
+    randomize_hypernetwork(model, seed=3)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(folder, overwrite=existing)
+    assert ({p.name: p.read_bytes() for p in folder.iterdir()} if existing else folder.exists()) == (
+        before if existing else False
+    )
+    assert [p.name for p in tmp_path.iterdir()] == (["ckpt"] if existing else []), "temporary folder left behind"
+
+
+def test_other_peft_methods_keep_peft_saving(tmp_path):
+    lora = get_peft_model(tiny_t5(), LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q"]))
+    lora.save_pretrained(tmp_path / "lora")
+    lora.save_pretrained(tmp_path / "lora")  # peft's behaviour: it writes into the folder again
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- determinism

@@ -32,10 +32,12 @@ from .data.collator import TagiDataCollator  # noqa: E402
 from .hypernetwork import TagiHypernetwork  # noqa: E402
 from .layer import TagiLinear  # noqa: E402
 from .model import TagiModel, TaskWeights  # noqa: E402
+from .serialization import install_save_guard  # noqa: E402
 from .trainer import TagiTrainer, TagiTrainingArguments  # noqa: E402
 
 if PeftType.TAGI not in PEFT_TYPE_TO_TUNER_MAPPING:
     register_peft_method(name="tagi", config_cls=TagiConfig, model_cls=TagiModel, prefix="tagi_")
+install_save_guard()
 
 __version__ = "0.1.0"
 

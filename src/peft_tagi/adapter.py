@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .serialization import atomic_write_dir, load_safetensors
 
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_CONFIG_NAME = "adapter_config.json"
@@ -181,7 +180,7 @@ class TaskAdapter:
         missing = [k for k in ("r", "lora_alpha", "task_type") if config.get(k) is None]
         if missing:
             raise ValueError(f"{config_file} lacks the fields {missing}; re-export the adapter with save_lora.")
-        state = _load_safetensors(weights_file, device)
+        state = load_safetensors(weights_file, device)
         lora_A, lora_B = {}, {}
         for key, value in state.items():
             if not key.startswith(_KEY_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -195,7 +194,7 @@ class TaskAdapter:
             meta = json.loads((path / TAGI_ADAPTER_NAME).read_text())
         states = None
         if (path / INSTRUCTION_STATES_NAME).is_file():
-            states = _load_safetensors(path / INSTRUCTION_STATES_NAME, device)["instruction_states"]
+            states = load_safetensors(path / INSTRUCTION_STATES_NAME, device)["instruction_states"]
         return cls(
             lora_A=lora_A,
             lora_B=lora_B,
@@ -222,37 +221,3 @@ class TaskAdapter:
         from .hub import task_adapter_from_pretrained
 
         return task_adapter_from_pretrained(repo_id_or_path, **kwargs)
-
-
-def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt.") from err
-
-
-def atomic_write_dir(path: Path, write, overwrite: bool = False) -> None:
-    """Build a folder with `write(tmp_dir)` next to `path`, then move it into place.
-
-    A non-empty existing `path` is kept unless `overwrite=True`; when replaced, the old folder is moved aside first
-    and deleted only after the new one is in place, so a failure at any point leaves a complete folder behind.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder; choose another path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True (or --overwrite) to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "folder")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

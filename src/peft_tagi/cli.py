@@ -143,7 +143,7 @@ def cmd_train(args) -> None:
     )
     trainer.train(resume_from_checkpoint=args.resume)
     if args.stage != "teachers":
-        model.save_pretrained(output / "tagi")
+        model.save_pretrained(output / "tagi", overwrite=args.overwrite)
         print(f"TAGI checkpoint: {output / 'tagi'}")
     else:
         print(f"Teacher LoRAs: {output / 'teachers'}")
@@ -166,7 +166,7 @@ def cmd_export(args) -> None:
     """Merge an exported task LoRA into the base model and save a standalone transformers model."""
     from peft import PeftModel
 
-    from .adapter import atomic_write_dir
+    from .serialization import atomic_write_dir
 
     base, tokenizer = load_base(args.model)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType, TaskType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, TaskType
+
+from .serialization import check_safetensors
 
 # The one table of per-architecture knowledge: which linear layers receive a generated LoRA by
 # default. Keys are `transformers` `config.model_type` values. To add a model family, add a row.
@@ -127,6 +130,19 @@ class TagiConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> TagiConfig:
+        """`PeftConfig.from_pretrained`; for a local checkpoint it also checks the weights file's header.
+
+        `PeftModel.from_pretrained` reads the config first, so a truncated or corrupt `adapter_model.safetensors` is
+        reported here with its path and the fix, before peft's bare "Error while deserializing header".
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if weights.is_file():
+            check_safetensors(weights)
+        return config
 
 
 def _check_positive_int(name: str, value) -> None:

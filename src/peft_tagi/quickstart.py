@@ -335,7 +335,7 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     train_ds = datasets.Dataset.from_list(train_examples)
 
     trainer = TagiTrainer(
-        model=model, args=_training_args(work, "teachers", config.teacher_steps, config, group_by=config.group_by),
+        model=model, args=_training_args(work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite),
         train_dataset=train_ds,
         processing_class=tokenizer,
     )  # fmt: skip
@@ -357,12 +357,12 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     TagiTrainer(
         model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, teachers=teachers_dir
     ).train()
-    model.save_pretrained(work / "tagi")
+    model.save_pretrained(work / "tagi", overwrite=overwrite)
     lap("distillation")
 
     oracle_model = get_peft_model(fresh_base(), tagi_config)
     TagiTrainer(
-        model=oracle_model, args=_training_args(work, "oracle", config.oracle_steps, config, stage="teachers"),
+        model=oracle_model, args=_training_args(work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite),
         train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
     ).train()  # fmt: skip
     oracle_dir = work / "oracle" / "teachers"

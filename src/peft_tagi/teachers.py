@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import TaskAdapter, atomic_write_dir
+from .adapter import TaskAdapter
 from .hypernetwork import TargetSpec
 from .model import TaskWeights
+from .serialization import atomic_write_dir
 
 TEACHERS_INDEX = "teachers.json"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +15,19 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .data.collator import STUDENT_KEYS, TagiDataCollator
 from .data.example import EXAMPLE_KEYS
 from .losses import bank_alignment_loss, kd_kl_loss, label_token_logits
 from .model import TagiModel, TaskWeights
+from .serialization import overwrite_allowed
 from .teachers import TeacherLoras, load_teachers, save_teachers
 
 logger = logging.get_logger(__name__)
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 STAGES = ("teachers", "pretrain", "distill")
 
@@ -90,6 +96,27 @@ def tagi_model_of(model: torch.nn.Module) -> TagiModel:
             f"TagiTrainer needs a TAGI model (get_peft_model(base, TagiConfig(...))), got {type(model).__name__}."
         )
     return inner
+
+
+def _is_complete_checkpoint(folder: Path) -> bool:
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` whose `trainer_state.json` (written last) reads back, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    numbered = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+    for _, checkpoint in sorted(numbered, reverse=True):
+        if _is_complete_checkpoint(checkpoint):
+            return str(checkpoint)
+        logger.warning(f"Skipping {checkpoint}: it is incomplete (the run stopped while writing it).")
+    return None
 
 
 def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -333,11 +360,35 @@ class TagiTrainer(Seq2SeqTrainer):
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ outputs
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint.
+
+        A process killed while writing `checkpoint-N` leaves a folder without `trainer_state.json` (the Trainer writes
+        it last). transformers would pick that folder; here it is skipped with a warning, and passing it by path is
+        refused.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder; "
+                    "train from scratch (resume_from_checkpoint=None) or pass a checkpoint path."
+                )
+        elif resume_from_checkpoint and not _is_complete_checkpoint(Path(resume_from_checkpoint)):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}: the run "
+                "stopped while writing it); resume from an earlier checkpoint-N or with resume_from_checkpoint=True."
+            )
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.args.stage == "teachers" and self.is_world_process_zero():
             self.save_teachers()
         return result
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # The Trainer writes into its output and checkpoint folders on every save; the TAGI save guard still makes
+        # each write atomic and keeps whatever else is in the folder (checkpoints, teachers).
+        with overwrite_allowed():
+            super()._save(output_dir, state_dict)
 
     def save_teachers(self, path: str | os.PathLike | None = None) -> Path:
         """Write the meta-train LoRA and every bank LoRA as standard PEFT LoRA folders (stage 'teachers')."""
