@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 
@@ -331,6 +333,83 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, toy, teachers_d
     a, b = _hypernetwork_state(full), _hypernetwork_state(resumed)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+_RECOVERY_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests_dir!r})
+import datasets
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+from conftest import toy_examples, word_tokenizer
+from test_trainer import args_for, tagi_t5
+from peft_tagi import TagiTrainer
+
+out, mode, teachers = sys.argv[1:4]
+
+
+class KillAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+model = tagi_t5()
+args = args_for(Path(out), "distill", output_dir=out, max_steps=6, save_strategy="steps", save_steps=3)
+trainer = TagiTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(toy_examples()),
+                      processing_class=word_tokenizer(), teachers=teachers,
+                      callbacks=[KillAtStep()] if mode == "kill-at-step-5" else None)
+if mode == "kill-while-writing-checkpoint-6":
+    # after the adapter and the optimizer are written, before trainer_state.json
+    def save_rng_state(output_dir):
+        if output_dir.endswith("checkpoint-6"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer._save_rng_state = save_rng_state
+trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
+state = model.base_model.tagi_hypernetwork.state_dict()
+save_file({{k: v.contiguous() for k, v in state.items()}}, out + "/final.safetensors")
+"""
+
+
+@pytest.mark.parametrize("kill", ["kill-at-step-5", "kill-while-writing-checkpoint-6"])
+def test_a_killed_distill_run_resumes_to_the_same_weights(tmp_path, teachers_dir, kill):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "distill.py"
+    script.write_text(_RECOVERY_SCRIPT.format(tests_dir=str(__import__("pathlib").Path(__file__).parent)))
+
+    def run(out, mode):
+        env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        cmd = [sys.executable, str(script), str(tmp_path / out), mode, str(teachers_dir)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+    full = run("full", "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run("killed", kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "killed" / "final.safetensors").exists()
+    if kill == "kill-while-writing-checkpoint-6":
+        assert not (tmp_path / "killed" / "checkpoint-6" / "trainer_state.json").exists()
+    resumed = run("killed", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if kill == "kill-while-writing-checkpoint-6":
+        assert "Skipping" in resumed.stderr and "checkpoint-6: it is incomplete" in resumed.stderr
+    a = load_file(tmp_path / "full" / "final.safetensors")
+    b = load_file(tmp_path / "killed" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_refuses_an_incomplete_checkpoint(tmp_path, toy):
+    args = args_for(tmp_path, "pretrain", max_steps=2)
+    trainer = TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, processing_class=word_tokenizer())
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint-N folder; train from scratch"):
+        trainer.train(resume_from_checkpoint=True)
+    (tmp_path / "pretrain" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is not a complete checkpoint .*resume from an earlier"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "pretrain" / "checkpoint-2"))
 
 
 # ---------------------------------------------------------------- 6. DDP
