@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,6 +259,33 @@ def test_a_failed_save_pretrained_leaves_nothing_half_written(tmp_path, monkeypa
         before if existing else False
     )
     assert [p.name for p in tmp_path.iterdir()] == (["ckpt"] if existing else []), "temporary folder left behind"
+
+
+def test_a_save_pretrained_killed_midway_leaves_the_old_checkpoint(tmp_path):
+    tagi().save_pretrained(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    tests_dir = str(Path(__file__).parent)
+    code = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {tests_dir!r})\n"
+        "import peft.peft_model\n"
+        "from test_robustness import randomize_hypernetwork, tagi\n"
+        "write = peft.peft_model.safe_save_file\n"
+        "def write_then_die(*args, **kwargs):\n"
+        "    write(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "peft.peft_model.safe_save_file = write_then_die\n"
+        "model = tagi()\n"
+        "randomize_hypernetwork(model, seed=5)\n"
+        f"model.save_pretrained({str(tmp_path / 'ckpt')!r}, overwrite=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    # the new weights were written, into a temporary folder beside the checkpoint that the killed process could
+    # not remove
+    [leftover] = [p for p in tmp_path.iterdir() if p.name != "ckpt"]
+    assert leftover.name.startswith(".ckpt.tmp-") and (leftover / "adapter_model.safetensors").is_file()
 
 
 def test_other_peft_methods_keep_peft_saving(tmp_path):
