@@ -143,6 +143,14 @@ def _corrupt_checkpoint(tmp_path):
     PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
 
 
+def _checkpoint_config_missing_fields(tmp_path):
+    tagi().save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
+    del config["r"], config["hypernetwork_hidden_size"]
+    (tmp_path / "ckpt" / "adapter_config.json").write_text(json.dumps(config))
+    PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
+
+
 def _checkpoint_folder_exists(tmp_path):
     tagi().save_pretrained(tmp_path / "ckpt")
     tagi().save_pretrained(tmp_path / "ckpt")
@@ -181,6 +189,7 @@ BAD_INPUTS = [
     ),
     (_exported_lora_on_a_wider_base_with_peft_tagi, ValueError, r"A\(4, 32\).*expects A\(4, 48\).*other shapes"),
     (_corrupt_checkpoint, ValueError, r"ckpt/adapter_model\.safetensors is not a readable.*save or download it again"),
+    (_checkpoint_config_missing_fields, ValueError, r"lacks the fields \['r', 'hypernetwork_hidden_size'\].*save the"),
     (_checkpoint_folder_exists, FileExistsError, r"not empty; pass overwrite=True to save_pretrained"),
     (_pickled_checkpoint, ValueError, r"safetensors only"),
 ]

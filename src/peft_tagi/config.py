@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, TaskType
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType, TaskType
 
 from .serialization import check_safetensors
 
@@ -133,16 +134,30 @@ class TagiConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> TagiConfig:
-        """`PeftConfig.from_pretrained`; for a local checkpoint it also checks the weights file's header.
+        """`PeftConfig.from_pretrained`; a local checkpoint is also checked before any weight is read.
 
-        `PeftModel.from_pretrained` reads the config first, so a truncated or corrupt `adapter_model.safetensors` is
-        reported here with its path and the fix, before peft's bare "Error while deserializing header".
+        `PeftModel.from_pretrained` reads the config first. A config missing a field that fixes the weights' shapes
+        would otherwise fall back to the default and fail later as a bare size mismatch; a truncated or corrupt
+        `adapter_model.safetensors` as safetensors' "Error while deserializing header". Both are reported here with
+        the path and the fix.
         """
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if (folder / CONFIG_NAME).is_file():
+            saved = json.loads((folder / CONFIG_NAME).read_text())
+            missing = [name for name in _SHAPE_FIELDS if name not in saved]
+            if missing:
+                raise ValueError(
+                    f"{folder / CONFIG_NAME} lacks the fields {missing}, which fix the shapes of the saved weights; "
+                    "restore them or save the checkpoint again with save_pretrained."
+                )
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
-        if weights.is_file():
-            check_safetensors(weights)
+        if (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+            check_safetensors(folder / SAFETENSORS_WEIGHTS_NAME)
         return config
+
+
+# The fields a saved checkpoint must state: their defaults would build weights of other shapes.
+_SHAPE_FIELDS = ("r", "target_modules", "hypernetwork_hidden_size", "module_embedding_dim", "pooling")
 
 
 def _check_positive_int(name: str, value) -> None:
