@@ -1,7 +1,9 @@
 """peft-tagi: TAGI (Task Adapters Generation from Instructions) as a PEFT method.
 
 Importing this package registers the PEFT method "TAGI", so `get_peft_model(model, TagiConfig(...))`,
-`PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work on TAGI checkpoints.
+`PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work on TAGI checkpoints. It also routes
+`PeftModel.save_pretrained` of TAGI models (only) through `peft_tagi.serialization.save_pretrained`, which refuses a
+non-empty folder unless `overwrite=True` and moves the save into place only when complete.
 """
 
 from peft.utils import PeftType

@@ -179,6 +179,10 @@ def install_save_guard() -> None:
             return save_pretrained(self, save_directory, *args, **kwargs)
         return _PEFT_SAVE_PRETRAINED(self, save_directory, *args, **kwargs)
 
+    guarded.__doc__ = (_PEFT_SAVE_PRETRAINED.__doc__ or "") + (
+        "\n        peft-tagi: for a TAGI model this is `peft_tagi.serialization.save_pretrained`: a non-empty folder is"
+        "\n        refused unless `overwrite=True`, and the save is moved into place only when complete.\n"
+    )
     guarded._peft_tagi_guard = True
     guarded._peft_tagi_original = _PEFT_SAVE_PRETRAINED
     PeftModel.save_pretrained = guarded
