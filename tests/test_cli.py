@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -125,6 +126,23 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert (tmp_path / "qs" / "results.png").stat().st_size > 1000
     assert "TAGI generated adapter (fusion)" in proc.stdout
     assert sum(results["timings_s"].values()) < 120
+
+
+def test_quickstart_reruns_only_with_overwrite(tmp_path):
+    from peft_tagi.quickstart import QuickstartConfig, run_quickstart
+
+    micro = QuickstartConfig(
+        d_model=32, num_layers=1, d_ff=64, r=2, lora_alpha=4, train_instances=2, eval_instances=1,
+        oracle_instances=2, base_steps=2, teacher_steps=2, pretrain_steps=1, distill_steps=2, oracle_steps=1,
+        batch_size=8,
+    )  # fmt: skip
+    run_quickstart(tmp_path / "qs", micro)
+    first = (tmp_path / "qs" / "work" / "tagi" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        run_quickstart(tmp_path / "qs", micro)
+    run_quickstart(tmp_path / "qs", dataclasses.replace(micro, seed=1), overwrite=True)
+    assert (tmp_path / "qs" / "work" / "tagi" / "adapter_model.safetensors").read_bytes() != first
+    assert json.loads((tmp_path / "qs" / "results.json").read_text())["config"]["seed"] == 1
 
 
 def test_api_quickstart_example_runs_fast(tmp_path):
