@@ -29,6 +29,8 @@ VARIANTS = {
     "no_kl": {**FULL_METHOD, "lambda_kl": 0.0},
     "no_delta_alignment": {**FULL_METHOD, "lambda_ins": 0.0},
     "no_fusion": {**FULL_METHOD, "instruction_fusion": False},
+    # Not a removal: ΔW alignment to one parameter teacher per task instead of per category.
+    "per_task_teachers": {**FULL_METHOD, "group_by": "task_name"},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
