@@ -116,3 +116,32 @@ def test_interleaved_rotates_the_order_and_ratios_are_paired():
     entry = ratio_entry({"x": [2.0, 4.0, 9.0], "y": [1.0, 4.0, 3.0]}, "x", "y", goal_max=2.5)
     assert entry["per_round"] == [2.0, 1.0, 3.0] and entry["value"] == 2.0 and entry["met"] is True
     assert entry["ratio_of_medians"] == 4.0 / 3.0
+
+
+def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    tiny = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
+            "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
+            "oracle_steps=1", "batch_size=8"]  # fmt: skip
+    out = tmp_path / "ablation.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
+         "no_fusion", "per_task_teachers", "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["overrides"]["d_model"] == 32
+    assert [r["variant"] for r in report["results"]] == ["no_fusion", "per_task_teachers"]
+    assert report["results"][0]["overrides"]["instruction_fusion"] is False
+    assert report["results"][1]["overrides"]["group_by"] == "task_name"
+    for result in report["results"]:
+        assert result["evaluated_on"] == "validation (training tasks left out)"
+        assert set(result["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
+        assert all(0 <= row["rougeL"] <= 100 for row in result["rows"].values())
+    assert "per_task_teachers" in proc.stdout
+    unknown = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ablation.py"), "--variants", "no_such_variant"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
