@@ -297,6 +297,25 @@ def test_a_save_pretrained_killed_midway_leaves_the_old_checkpoint(tmp_path):
     assert leftover.name.startswith(".ckpt.tmp-") and (leftover / "adapter_model.safetensors").is_file()
 
 
+def test_files_another_process_writes_meanwhile_are_kept(tmp_path, monkeypatch):
+    # The Trainer creates checkpoint-N, then rank 0 saves the adapter while other ranks write their RNG states there.
+    from peft_tagi.serialization import overwrite_allowed
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    write = __import__("peft.peft_model", fromlist=["safe_save_file"]).safe_save_file
+
+    def write_while_rank_1_writes(*args, **kwargs):
+        (folder / "rng_state_1.pth").write_bytes(b"rank 1")
+        write(*args, **kwargs)
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", write_while_rank_1_writes)
+    with overwrite_allowed():
+        tagi().save_pretrained(folder)
+    assert (folder / "rng_state_1.pth").read_bytes() == b"rank 1"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+
+
 def test_other_peft_methods_keep_peft_saving(tmp_path):
     lora = get_peft_model(tiny_t5(), LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q"]))
     lora.save_pretrained(tmp_path / "lora")

@@ -126,7 +126,9 @@ def save_pretrained(
         *args, **kwargs: `PeftModel.save_pretrained`'s. `safe_serialization=False` is refused: TAGI writes
             safetensors only.
 
-    The save is written to a temporary folder beside `save_directory` and moved into place only when complete.
+    The save is written to a temporary folder beside `save_directory` and moved into place only when complete: a
+    new folder in one rename; into an existing folder file by file, config last, so that files other processes
+    write there meanwhile (a DDP rank's RNG state in a checkpoint) are kept.
     """
     call = inspect.signature(_PEFT_SAVE_PRETRAINED).bind(model, save_directory, *args, **kwargs)
     call.apply_defaults()
@@ -147,19 +149,23 @@ def save_pretrained(
             "(other files are kept), or choose an empty folder."
         )
 
-    def write(tmp: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
         if (path / "README.md").is_file():
             # peft updates an existing model card in place; give it the current one so nothing in it is lost.
             shutil.copy2(path / "README.md", tmp / "README.md")
         call.arguments["save_directory"] = str(tmp)
         _PEFT_SAVE_PRETRAINED(*call.args, **call.kwargs)
-
-    if not non_empty:
-        atomic_write_dir(path, write, overwrite=True)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
+        if not path.exists():
+            try:
+                os.replace(tmp, path)
+                return
+            except OSError:
+                if not path.is_dir():
+                    raise
+        # An existing folder is never swapped out, even an empty one: another process (a DDP rank writing its RNG
+        # state into a checkpoint) may be writing into it, and a swap would delete what it wrote.
         _move_entries_into(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
