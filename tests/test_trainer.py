@@ -428,8 +428,8 @@ def test_distributed_training_with_accelerate_launch(tmp_path):
         from peft_tagi import TagiConfig, TagiTrainer, TagiTrainingArguments
         model = get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, hypernetwork_hidden_size=32))
         args = TagiTrainingArguments(output_dir={str(tmp_path / "ddp")!r}, stage="pretrain", max_steps=3,
-            per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-            logging_steps=1)
+            per_device_train_batch_size=2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+            disable_tqdm=True, logging_steps=1)
         trainer = TagiTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(toy_examples()),
                               processing_class=word_tokenizer())
         trainer.train()
@@ -462,6 +462,9 @@ def test_distributed_training_with_accelerate_launch(tmp_path):
     assert [line.split()[1] for line in lines] == ["rank=0", "rank=1"]
     assert all("step=3" in line for line in lines)
     assert len({line.split()[3] for line in lines}) == 1, "ranks ended with different weights"
+    # rank 0 saved the adapter while both ranks wrote their RNG state into the same checkpoint folder
+    saved = {p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= saved, saved
 
 
 # ---------------------------------------------------------------- 8. evaluation
