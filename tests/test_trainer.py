@@ -138,6 +138,20 @@ def test_teachers_grouped_by_category(tmp_path, toy):
     assert group_by == "category" and set(bank) == {"order", "select"}
 
 
+def test_each_teacher_trains_as_if_alone(tmp_path, toy):
+    # The meta LoRA and the bank share forward passes and optimizer steps; each LoRA's gradient is clipped on its
+    # own, so the meta-train teacher does not depend on how the bank is grouped (tasks or categories).
+    metas = []
+    for group_by in ("task_name", "category"):
+        args = args_for(tmp_path / group_by, "teachers", max_steps=4, group_by=group_by, max_grad_norm=0.05)
+        TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, processing_class=word_tokenizer()).train()
+        meta, _, _ = load_teachers(tmp_path / group_by / "teachers" / "teachers")
+        metas.append(meta)
+    for name in metas[0].lora_A:
+        assert torch.equal(metas[0].lora_A[name], metas[1].lora_A[name]), name
+        assert torch.equal(metas[0].lora_B[name], metas[1].lora_B[name]), name
+
+
 def test_teachers_folder_is_not_overwritten(tmp_path, toy):
     (tmp_path / "teachers" / "teachers").mkdir(parents=True)
     (tmp_path / "teachers" / "teachers" / "keep.txt").write_text("mine")

@@ -70,6 +70,24 @@ class TeacherLoras(nn.Module):
         self.meta = LoraBank(targets, 1, r)
         self.bank = LoraBank(targets, len(group_names), r)
 
+    def clip_grad_norm_per_lora_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradient of every LoRA (the meta one and each bank entry) to `max_norm` on its own.
+
+        The teachers share forward passes and optimizer steps only to save time; clipping them together would let
+        one task's gradients shrink another's updates. Returns the norm of all gradients before clipping.
+        """
+        squares = []
+        for bank in (self.meta, self.bank):
+            grads = [p.grad for p in bank.parameters() if p.grad is not None]
+            if not grads:
+                continue
+            per_lora = sum(g.pow(2).flatten(1).sum(1) for g in grads)  # (entries,)
+            scale = (max_norm / (per_lora.sqrt() + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+            squares.append(per_lora.sum())
+        return torch.stack(squares).sum().sqrt()
+
 
 def safe_folder_name(name: str) -> str:
     """A file-system-safe folder name for a task or category (kept readable, made unique by the caller)."""

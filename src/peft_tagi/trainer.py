@@ -305,6 +305,12 @@ class TagiTrainer(Seq2SeqTrainer):
             self._bank_scaling,
         )
 
+    def _clip_grad_norm(self, model):
+        if self.args.stage != "teachers":
+            return super()._clip_grad_norm(model)
+        tagi = tagi_model_of(model)
+        return tagi.tagi_teachers[tagi.active_adapters[0]].clip_grad_norm_per_lora_(self.args.max_grad_norm)
+
     def _teachers_loss(self, model, inputs):
         """Meta-train LoRA (instruction + input) and bank LoRAs (input only) in one forward pass of 2N rows."""
         tagi = tagi_model_of(model)
