@@ -138,7 +138,7 @@ def test_teachers_grouped_by_category(tmp_path, toy):
     assert group_by == "category" and set(bank) == {"order", "select"}
 
 
-def test_each_teacher_trains_as_if_alone(tmp_path, toy):
+def test_the_meta_teacher_does_not_depend_on_the_bank(tmp_path, toy):
     # The meta LoRA and the bank share forward passes and optimizer steps; each LoRA's gradient is clipped on its
     # own, so the meta-train teacher does not depend on how the bank is grouped (tasks or categories).
     metas = []
