@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from peft.utils import PeftType
+from peft.utils import CONFIG_NAME, PeftType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-
-CONFIG_NAME = "adapter_config.json"
 
 # Set by TagiTrainer around its own saves: the Trainer owns its output and checkpoint folders and writes into them
 # on every save (transformers 5 has no overwrite flag to honour).
