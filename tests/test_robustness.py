@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+import peft.peft_model
 import pytest
 import torch
 from conftest import make_batch, randomize_hypernetwork, run_python, tiny_gpt2, tiny_t5
@@ -288,7 +287,7 @@ def test_a_save_pretrained_killed_midway_leaves_the_old_checkpoint(tmp_path):
         "randomize_hypernetwork(model, seed=5)\n"
         f"model.save_pretrained({str(tmp_path / 'ckpt')!r}, overwrite=True)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    proc = run_python(code, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     # the new weights were written, into a temporary folder beside the checkpoint that the killed process could
@@ -303,7 +302,7 @@ def test_files_another_process_writes_meanwhile_are_kept(tmp_path, monkeypatch):
 
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
-    write = __import__("peft.peft_model", fromlist=["safe_save_file"]).safe_save_file
+    write = peft.peft_model.safe_save_file
 
     def write_while_rank_1_writes(*args, **kwargs):
         (folder / "rng_state_1.pth").write_bytes(b"rank 1")

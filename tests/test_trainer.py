@@ -6,9 +6,9 @@ import gc
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import datasets
 import pytest
@@ -360,7 +360,7 @@ from conftest import toy_examples, word_tokenizer
 from test_trainer import args_for, tagi_t5
 from peft_tagi import TagiTrainer
 
-out, mode, teachers = sys.argv[1:4]
+out, mode, teachers = {out!r}, {mode!r}, {teachers!r}
 
 
 class KillAtStep(TrainerCallback):
@@ -390,13 +390,11 @@ save_file({{k: v.contiguous() for k, v in state.items()}}, out + "/final.safeten
 def test_a_killed_distill_run_resumes_to_the_same_weights(tmp_path, teachers_dir, kill):
     from safetensors.torch import load_file
 
-    script = tmp_path / "distill.py"
-    script.write_text(_RECOVERY_SCRIPT.format(tests_dir=str(__import__("pathlib").Path(__file__).parent)))
-
     def run(out, mode):
-        env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, str(script), str(tmp_path / out), mode, str(teachers_dir)]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        code = _RECOVERY_SCRIPT.format(
+            tests_dir=str(Path(__file__).parent), out=str(tmp_path / out), mode=mode, teachers=str(teachers_dir)
+        )
+        return run_python(code, check=False)
 
     full = run("full", "full")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -431,7 +429,7 @@ def test_resume_refuses_an_incomplete_checkpoint(tmp_path, toy):
 
 def test_distributed_training_with_accelerate_launch(tmp_path):
     script = tmp_path / "train_ddp.py"
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    tests_dir = str(Path(__file__).parent)
     script.write_text(
         textwrap.dedent(f"""
         import sys
