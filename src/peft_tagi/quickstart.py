@@ -335,7 +335,10 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     train_ds = datasets.Dataset.from_list(train_examples)
 
     trainer = TagiTrainer(
-        model=model, args=_training_args(work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite),
+        model=model,
+        args=_training_args(
+            work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
+        ),
         train_dataset=train_ds,
         processing_class=tokenizer,
     )  # fmt: skip
@@ -362,7 +365,10 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
 
     oracle_model = get_peft_model(fresh_base(), tagi_config)
     TagiTrainer(
-        model=oracle_model, args=_training_args(work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite),
+        model=oracle_model,
+        args=_training_args(
+            work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite
+        ),
         train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
     ).train()  # fmt: skip
     oracle_dir = work / "oracle" / "teachers"
