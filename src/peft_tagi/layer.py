@@ -21,8 +21,10 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         (beam search and `num_return_sequences` repeat each row consecutively).
     """
 
+    # Nothing per adapter name: the weights come from outside and a TAGI model holds one adapter. peft's generic code
+    # (delete_adapter, device moves) treats every name listed here as a dict keyed by adapter name.
     adapter_layer_names = ()
-    other_param_names = ("r", "lora_alpha", "scaling")
+    other_param_names = ()
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float
@@ -61,6 +63,11 @@ class TagiLinear(nn.Module, BaseTunerLayer):
             if row_index is None and lora_A.shape[0] != 1:
                 raise ValueError("Several task weight sets need a row_index that maps each batch row to one of them.")
         self._task_A, self._task_B, self._row_index = lora_A, lora_B, row_index
+
+    @property
+    def task_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The installed (A, B, row_index), or Nones."""
+        return self._task_A, self._task_B, self._row_index
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B · A of the single installed task, shaped like the base weight."""

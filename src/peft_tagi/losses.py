@@ -49,16 +49,19 @@ def lowrank_delta_distance(
     ‖BA‖² = ⟨BᵀB, AAᵀ⟩ and ⟨BA, B'A'⟩ = ⟨BᵀB', AA'ᵀ⟩, each an r×r (or r×r') inner product. Aligning ΔW rather than
     A and B separately is gauge-invariant: (A, B) -> (M·A, B·M⁻¹) leaves the loss unchanged.
     """
-    gram_B = lora_B.transpose(1, 2) @ lora_B  # (T, r, r)
-    gram_A = lora_A @ lora_A.transpose(1, 2)
-    ref_gram_B = ref_B.transpose(1, 2) @ ref_B  # (T, r', r')
-    ref_gram_A = ref_A @ ref_A.transpose(1, 2)
-    cross_B = lora_B.transpose(1, 2) @ ref_B  # (T, r, r')
-    cross_A = lora_A @ ref_A.transpose(1, 2)  # (T, r, r')
-    own = (gram_B * gram_A).sum((1, 2)) * scaling**2
-    ref = (ref_gram_B * ref_gram_A).sum((1, 2)) * ref_scaling**2
-    cross = (cross_B * cross_A).sum((1, 2)) * (scaling * ref_scaling)
-    return (own + ref - 2 * cross).clamp_min(0.0)
+    # own + ref - 2·cross cancels: computed in float32 even under bf16/fp16 autocast or with half-precision inputs.
+    with torch.autocast(lora_A.device.type, enabled=False):
+        lora_A, lora_B, ref_A, ref_B = (t.float() for t in (lora_A, lora_B, ref_A, ref_B))
+        gram_B = lora_B.transpose(1, 2) @ lora_B  # (T, r, r)
+        gram_A = lora_A @ lora_A.transpose(1, 2)
+        ref_gram_B = ref_B.transpose(1, 2) @ ref_B  # (T, r', r')
+        ref_gram_A = ref_A @ ref_A.transpose(1, 2)
+        cross_B = lora_B.transpose(1, 2) @ ref_B  # (T, r, r')
+        cross_A = lora_A @ ref_A.transpose(1, 2)  # (T, r, r')
+        own = (gram_B * gram_A).sum((1, 2)) * scaling**2
+        ref = (ref_gram_B * ref_gram_A).sum((1, 2)) * ref_scaling**2
+        cross = (cross_B * cross_A).sum((1, 2)) * (scaling * ref_scaling)
+        return (own + ref - 2 * cross).clamp_min(0.0)
 
 
 def bank_alignment_loss(

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .adapter import TaskAdapter
+from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
 from .hypernetwork import TagiHypernetwork, TargetSpec
 from .layer import TagiLinear
@@ -90,6 +91,7 @@ class TagiModel(BaseTuner):
         self.last_task_weights: TaskWeights | None = None
         self._fusion_handle = None
         self._layers: dict[str, TagiLinear] = {}
+        self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
     @staticmethod
     def _prepare_adapter_config(peft_config: TagiConfig, model_config: dict) -> TagiConfig:
@@ -126,15 +128,22 @@ class TagiModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
         self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
+        self._checkpointable = checkpointable_modules(model)
         embeddings = model.get_input_embeddings()
-        hypernetwork = TagiHypernetwork(
-            d_model=embeddings.embedding_dim,
-            targets=self.target_specs,
-            r=config.r,
-            hidden_size=config.hypernetwork_hidden_size,
-            module_embedding_dim=config.module_embedding_dim,
-            pooling=config.pooling,
-        ).to(embeddings.weight.device)
+        # Built in place on the base model's device (not moved there): under peft's low_cpu_mem_usage the parameters
+        # are created on the meta device and a copy would fail; the checkpoint's tensors are assigned later. The
+        # hypernetwork stays in float32 whatever the base dtype (see TagiConfig).
+        with torch.device(embeddings.weight.device):
+            hypernetwork = TagiHypernetwork(
+                d_model=embeddings.embedding_dim,
+                targets=self.target_specs,
+                r=config.r,
+                hidden_size=config.hypernetwork_hidden_size,
+                module_embedding_dim=config.module_embedding_dim,
+                pooling=config.pooling,
+            )
+        # peft's contract: nothing is trainable in inference mode (also PeftModel.from_pretrained(is_trainable=False)).
+        hypernetwork.requires_grad_(not config.inference_mode)
         self.tagi_hypernetwork = nn.ModuleDict({adapter_name: hypernetwork})
         if config.instruction_fusion:
             self._fusion_handle = model.get_decoder().register_forward_pre_hook(
@@ -308,6 +317,14 @@ class TagiModel(BaseTuner):
         if not self._adapters_enabled:
             yield  # inside disable_adapter(): the plain base model, instructions ignored
             return
+        if not self.peft_config:
+            if instruction_input_ids is not None:
+                raise ValueError(
+                    "This model's TAGI adapter was deleted (delete_adapter), so it cannot read instructions; load a "
+                    "TAGI checkpoint with PeftModel.from_pretrained, or drop instruction_input_ids to run the base model."
+                )
+            yield
+            return
         if instruction_input_ids is None:
             if self._active is None:
                 raise ValueError(
@@ -375,6 +392,8 @@ class TagiModel(BaseTuner):
         instruction_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
+        if torch.is_grad_enabled():
+            wrap_checkpoint_functions(self._checkpointable)
         with self._task_context(instruction_input_ids, instruction_attention_mask, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
@@ -457,6 +476,27 @@ class TagiModel(BaseTuner):
             raise TypeError(f"use_adapter expects a TaskAdapter, got {type(adapter).__name__}.")
         with self.apply_task_weights(self.task_weights_from_adapter(adapter)):
             yield adapter
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the TAGI adapter: every TAGI layer gives back its base layer and the hypernetwork is dropped.
+
+        A TAGI model holds one adapter, so this is `unload()` plus forgetting the config; the base model is restored
+        exactly. Afterwards the model runs the plain base model and refuses instruction inputs.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}.")
+        if any(layer.merged for layer in self._layers.values()):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights: call unmerge_adapter() before deleting it, "
+                "or merge_and_unload() to keep the merged model."
+            )
+        self._unload_and_optionally_merge(merge=False)
+        del self.peft_config[adapter_name]
+        for container in ("tagi_hypernetwork", "tagi_teachers"):
+            if container in self._modules and adapter_name in self._modules[container]:
+                del self._modules[container][adapter_name]
+        self._checkpointable = []
+        self.active_adapter = []
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         if merge:
