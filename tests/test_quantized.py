@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, make_batch, randomize_hypernetwork, run_python
+from conftest import VOCAB, make_batch, randomize_hypernetwork, run_python, word_tokenizer
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from transformers import (
@@ -186,6 +186,29 @@ def test_kbit_training_step_with_gradient_checkpointing(saved_bases, mode):
 
 @requires_bnb
 @pytest.mark.parametrize("mode", MODES)
+def test_tagi_trainer_trains_only_the_hypernetwork_on_a_quantized_base(saved_bases, mode, tmp_path):
+    import datasets
+
+    from peft_tagi import TagiTrainer, TagiTrainingArguments
+    from peft_tagi.data.pretraining import pretraining_dataset
+
+    base = prepare_model_for_kbit_training(_load(saved_bases, "t5", mode), use_gradient_checkpointing=False)
+    model = _tagi(base, "t5")
+    text = ["cat dog sun red blue tree milk fish bird green one word list"] * 8
+    args = TagiTrainingArguments(
+        output_dir=str(tmp_path), stage="pretrain", max_steps=3, per_device_train_batch_size=4, report_to=[],
+        save_strategy="no", learning_rate=1e-2, use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dataset = pretraining_dataset(datasets.Dataset.from_dict({"text": text}))
+    trainer = TagiTrainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer())
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("tagi_hypernetwork" in n for n in changed)
+
+
+@requires_bnb
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_generate_and_generate_adapter(saved_bases, family, mode):
     model = _tagi(_load(saved_bases, family, mode), family)
@@ -323,7 +346,7 @@ def test_merge_and_unload_requantizes_within_quantization_error(saved_bases, fam
 
     model, adapter, batch, _, adapter_logits, tolerance = _merge_setup(saved_bases, family, mode)
     with model.use_adapter(adapter), pytest.warns(UserWarning, match="re-quantizes its weight"):
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload(safe_merge=True)
     assert not any(isinstance(m, TagiLinear) for m in merged.modules())
     quantized_cls = bnb.nn.Linear8bitLt if mode == "8bit" else bnb.nn.Linear4bit
     layers = [m for m in merged.modules() if isinstance(m, quantized_cls)]
