@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TaskType
 from torch import nn
@@ -17,7 +18,7 @@ from .adapter import TaskAdapter
 from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
 from .hypernetwork import TagiHypernetwork, TargetSpec
-from .layer import TagiLinear
+from .layer import TagiLinear, dispatch_default
 
 logger = logging.get_logger(__name__)
 
@@ -117,14 +118,31 @@ class TagiModel(BaseTuner):
     ) -> None:
         if parameter_name is not None:
             raise ValueError("TAGI targets modules, not parameters: leave target_parameters unset.")
-        new_module = TagiLinear(
-            target,
-            adapter_name,
-            r=peft_config.r,
-            lora_alpha=peft_config.lora_alpha,
-            lora_dropout=peft_config.lora_dropout,
-        )
+        new_module = self._create_new_module(peft_config, adapter_name, target)
         self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(peft_config: TagiConfig, adapter_name: str, target: nn.Module) -> TagiLinear:
+        # Each dispatcher returns a layer for the targets it knows, or None. The first match wins, so the backends
+        # whose layers subclass nn.Linear (bitsandbytes) come before the plain default.
+        dispatchers = []
+        if is_bnb_available():  # imported lazily: bitsandbytes is optional
+            from .bnb import dispatch_bnb_8bit
+
+            dispatchers.append(dispatch_bnb_8bit)
+        if is_bnb_4bit_available():
+            from .bnb import dispatch_bnb_4bit
+
+            dispatchers.append(dispatch_bnb_4bit)
+        dispatchers.append(dispatch_default)
+        for dispatcher in dispatchers:
+            new_module = dispatcher(target, adapter_name, config=peft_config)
+            if new_module is not None:
+                return new_module
+        raise ValueError(
+            f"TAGI cannot target {type(target).__name__}: it supports torch.nn.Linear, transformers Conv1D and "
+            "bitsandbytes Linear8bitLt / Linear4bit layers. Choose other target_modules in TagiConfig."
+        )
 
     def _post_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
         self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
