@@ -179,11 +179,6 @@ def test_kbit_training_step_reaches_every_hypernetwork_parameter(saved_bases, fa
 
 
 @requires_bnb
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradient checkpointing with TAGI is broken on main (the lead is fixing it): hypernetwork grads are None; "
-    "remove this mark when the fix lands",
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_kbit_training_step_with_gradient_checkpointing(saved_bases, mode):
     _check_training_step(saved_bases, "t5", mode, use_gradient_checkpointing=True)
