@@ -299,6 +299,21 @@ def test_separate_teacher_model(tmp_path, toy):
     assert trainer.state.log_history[0]["loss_kl"] > 0
 
 
+def test_a_non_finite_loss_term_stops_training_at_once_and_is_named(tmp_path, toy):
+    teacher = tiny_t5(seed=5)
+    with torch.no_grad():
+        teacher.lm_head.weight.fill_(float("inf"))  # teacher logits inf/NaN: the KL term is not finite
+    model = tagi_t5()
+    trainer = TagiTrainer(
+        model=model, args=args_for(tmp_path, "distill", max_steps=3, lambda_ins=0.0), train_dataset=toy,
+        processing_class=word_tokenizer(), teacher_model=teacher,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"step 1 \(stage 'distill'\): the loss term\(s\) kl=nan"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a NaN step reached the weights"
+
+
 def test_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="stage must be one of"):
         args_for(tmp_path, "finetune")

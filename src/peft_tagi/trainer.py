@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -363,8 +364,17 @@ class TagiTrainer(Seq2SeqTrainer):
         return ce_meta + ce_bank, outputs
 
     def _record(self, terms: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            self._term_sums[name] += float(value.detach())
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        broken = [name for name, value in values.items() if not math.isfinite(value)]
+        if broken:
+            # Stop at the first non-finite term: an optimizer step on it would write NaN into every weight.
+            raise FloatingPointError(
+                f"Training step {self.state.global_step + 1} (stage {self.args.stage!r}): the loss term(s) "
+                f"{', '.join(f'{n}={values[n]}' for n in broken)} are not finite. Lower the learning rate, "
+                "check the data of this step, or resume from an earlier checkpoint."
+            )
+        for name, value in values.items():
+            self._term_sums[name] += value
             self._term_counts[name] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
