@@ -211,6 +211,14 @@ class TagiTrainer(Seq2SeqTrainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
+        wants_fsdp = (args.fsdp and not args.fsdp_config.get("xla")) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if wants_fsdp and not self.is_fsdp_enabled:
+            # accelerate applies the FSDP plugin only on GPU-like devices; elsewhere the Trainer would quietly run DDP.
+            raise ValueError(
+                f"FSDP was requested but accelerate did not enable it ({self.accelerator.distributed_type}): FSDP "
+                "needs GPUs (or NPUs, XPUs, ...). Drop --fsdp / fsdp= / accelerate's --use_fsdp to train with DDP on "
+                "this machine."
+            )
         self._prepare_teachers(tagi)
 
     # ------------------------------------------------------------------ set-up
