@@ -21,7 +21,7 @@ TINY = [
     "--r", "4", "--lora_alpha", "8", "--hypernetwork_hidden_size", "16", "--module_embedding_dim", "8",
     "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "2",
     "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0",
-    #"--gradient_checkpointing", "--bf16",
+    "--gradient_checkpointing", "--bf16",
 ]  # fmt: skip
 STEPS = ["--teachers_steps", "2", "--pretrain_steps", "2", "--distill_steps", "4"]
 
@@ -176,3 +176,87 @@ def test_train_sni_on_the_real_slice(base_dir, tmp_path):
                        "--max_eval_instances_per_task", "1", "--generation_max_length", "4",
                        "--teachers_steps", "1", "--pretrain_steps", "1", "--distill_steps", "1", *TINY)  # fmt: skip
     assert "SNI test tasks: ROUGE-L" in proc.stdout
+
+
+# ---------------------------------------------------------------- accelerate configs (FSDP, DeepSpeed)
+# FSDP and DeepSpeed need GPUs: on the CPU accelerate keeps the MULTI_CPU distributed type, does not apply the FSDP
+# plugin and the Trainer runs DDP. These tests check that each shipped config is what accelerate and the Trainer
+# accept; sharded training itself is not run here.
+ACCELERATE = ROOT / "examples" / "accelerate"
+
+
+def launch_args(config: Path):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "examples/train_sni.py"])
+    return _validate_launch_command(args)[0]
+
+
+def test_fsdp_config_is_accepted_by_accelerate_and_the_trainer(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from peft_tagi import TagiTrainingArguments
+
+    config = load_config_from_file(str(ACCELERATE / "fsdp.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    # What `accelerate launch --config_file` hands the processes, and the plugin they build from it.
+    env = prepare_multi_gpu_env(launch_args(ACCELERATE / "fsdp.yaml"))
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["T5Block"]
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+    # The same options as the Trainer's --fsdp / --fsdp_config.
+    args = TagiTrainingArguments(
+        output_dir="unused", fsdp=True, fsdp_config=dict(config.fsdp_config), use_cpu=True, report_to="none"
+    )
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "T5Block"
+    assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+    FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_are_accepted(stage):
+    import importlib.util
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE / f"deepspeed_zero{stage}.yaml"))
+    assert config.distributed_type == "DEEPSPEED"
+    ds_file = ROOT / config.deepspeed_config["deepspeed_config_file"]
+    args = launch_args(ACCELERATE / f"deepspeed_zero{stage}.yaml")
+    assert args.use_deepspeed and Path(args.deepspeed_config_file) == ds_file.relative_to(ROOT)
+    assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == stage
+    if importlib.util.find_spec("deepspeed") is None:
+        return  # DeepSpeed is not a dependency: the JSON is checked above, the Trainer's reading of it needs it
+    from peft_tagi import TagiTrainingArguments
+
+    training_args = TagiTrainingArguments(output_dir="unused", deepspeed=str(ds_file), report_to="none")
+    assert training_args.hf_deepspeed_config.config["zero_optimization"]["stage"] == stage
+    assert training_args.hf_deepspeed_config.is_zero3() == (stage == 3)
+
+
+def test_fsdp_on_two_cpu_processes_is_refused_rather_than_run_as_ddp(tmp_path):
+    """On the CPU accelerate drops the FSDP plugin and the Trainer would train DDP; TagiTrainer says so instead."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from conftest import tiny_t5, word_tokenizer\n"
+        "from peft import get_peft_model\n"
+        "from peft_tagi import TagiConfig, TagiTrainer, TagiTrainingArguments\n"
+        "model = get_peft_model(tiny_t5(), TagiConfig(task_type='SEQ_2_SEQ_LM', r=4, hypernetwork_hidden_size=16))\n"
+        f"args = TagiTrainingArguments(output_dir={str(tmp_path / 'out')!r}, stage='pretrain', use_cpu=True,\n"
+        "                              fsdp=True, fsdp_config={'version': 2}, report_to='none')\n"
+        "TagiTrainer(model=model, args=args, processing_class=word_tokenizer())\n"
+    )
+    # `--multi_gpu` makes accelerate start 2 ranks with torchrun; use_cpu=True puts them on gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "FSDP was requested but accelerate did not enable it (DistributedType.MULTI_CPU)" in proc.stderr
