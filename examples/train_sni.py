@@ -1,66 +1,65 @@
 """Train TAGI on Super-NaturalInstructions and score unseen test tasks (ROUGE-L, exact match).
 
-    python examples/train_sni.py --sni path/to/natural-instructions --model google/t5-base-lm-adapt
+    python examples/train_sni.py --sni_dir path/to/natural-instructions --model_name_or_path google/t5-base-lm-adapt \
+        --output_dir tagi-sni --per_device_train_batch_size 8 --learning_rate 1e-4 --bf16 --save_steps 1000
+    accelerate launch examples/train_sni.py ...            # the same flags, on every process
+    python examples/train_sni.py args.yaml                 # or all options in one .json / .yaml file
+    python examples/train_sni.py ... --resume_from_checkpoint   # continue a stopped run where it stopped
 
-`--sni` is a checkout of allenai/natural-instructions (tasks/ + splits/default/); `--model` a Hub id or local path.
-Stages: teachers (meta-train LoRA + one LoRA per task) -> hypernetwork pretraining on SNI text -> distillation.
+`--sni_dir` is a checkout of allenai/natural-instructions (tasks/ + splits/default/). Stages: teachers (meta-train
+LoRA + one LoRA per task) -> hypernetwork pretraining on the SNI training text -> distillation, in
+`<output_dir>/{teachers,pretrain,distill}` with their checkpoints; the trained TAGI model is `<output_dir>/distill`.
+Every `TagiTrainingArguments` / `Seq2SeqTrainingArguments` flag applies to all stages; `--help` lists them.
 """
 
-import argparse
+from dataclasses import dataclass, field
 
 import datasets
-from peft import get_peft_model
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from peft_tagi import TagiConfig, TagiTrainer, TagiTrainingArguments
 from peft_tagi.data.pretraining import pretraining_dataset
-from peft_tagi.data.sni import read_sni_tasks
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--sni", required=True, help="natural-instructions folder (tasks/ and splits/default/)")
-parser.add_argument("--model", default="google/t5-base-lm-adapt")
-parser.add_argument("--output-dir", default="tagi-sni")
-parser.add_argument("--num-pos-examples", type=int, default=0, help="0: Def, 2: Def+2Pos")
-parser.add_argument("--max-instances", type=int, default=100)
-parser.add_argument("--steps", type=int, nargs=3, default=[5000, 2000, 20000], help="teachers, pretrain, distill")
-parser.add_argument("--batch-size", type=int, default=8)
-parser.add_argument("--learning-rate", type=float, default=1e-4)
-parser.add_argument("--r", type=int, default=32)
-parser.add_argument("--max-eval-instances", type=int, default=100)
-args = parser.parse_args()
-
-tokenizer = AutoTokenizer.from_pretrained(args.model)
-base = AutoModelForSeq2SeqLM.from_pretrained(args.model)
-model = get_peft_model(base, TagiConfig(task_type="SEQ_2_SEQ_LM", r=args.r, lora_alpha=2 * args.r))
-model.print_trainable_parameters()
-
-read = dict(num_pos_examples=args.num_pos_examples)
-train = datasets.Dataset.from_list(
-    read_sni_tasks(args.sni, "train", max_instances_per_task=args.max_instances, **read)
-)
-test = datasets.Dataset.from_list(
-    read_sni_tasks(args.sni, "test", max_instances_per_task=args.max_eval_instances, **read)
-)
-texts = [" ".join(x for x in (e["instruction"], e["input"], e["output"]) if x) for e in train]
+from peft_tagi.data.sni import sni_dataset
+from peft_tagi.pipeline import load_tagi_model, parse_arguments, run_stages, setup_logging
 
 
-def run(stage, steps, data, **kw):
-    targs = TagiTrainingArguments(
-        output_dir=f"{args.output_dir}/{stage}", stage=stage, max_steps=steps, learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_steps=max(1, steps // 50),
-        logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], predict_with_generate=True,
-        generation_max_length=64,
-    )  # fmt: skip
-    trainer = TagiTrainer(
-        model=model, args=targs, train_dataset=data, eval_dataset=test, processing_class=tokenizer, **kw
-    )
-    trainer.train()
-    return trainer
+@dataclass
+class DataTrainingArguments:
+    sni_dir: str = field(metadata={"help": "natural-instructions folder (tasks/ and splits/default/)."})
+    num_pos_examples: int = field(default=0, metadata={"help": "Positive examples in the instruction: 0 Def, 2 Def+2Pos."})  # fmt: skip
+    max_train_instances_per_task: int = field(default=100, metadata={"help": "Training instances per task."})
+    max_eval_instances_per_task: int = field(default=100, metadata={"help": "Test instances per task."})
 
 
-run("teachers", args.steps[0], train)
-run("pretrain", args.steps[1], pretraining_dataset(datasets.Dataset.from_dict({"text": texts})))
-trainer = run("distill", args.steps[2], train, teachers=f"{args.output_dir}/teachers/teachers")
-model.save_pretrained(f"{args.output_dir}/tagi")
-metrics = trainer.evaluate()
-print(f"SNI test tasks: ROUGE-L {metrics['eval_rougeL']:.2f}, exact match {metrics['eval_exact_match']:.2f}")
+def main() -> None:
+    defaults = {
+        "output_dir": "tagi-sni",
+        "learning_rate": 1e-4,
+        "predict_with_generate": True,
+        "generation_max_length": 64,
+        "do_eval": True,
+    }
+    model_args, data_args, stage_args, training_args = parse_arguments(DataTrainingArguments, defaults)
+    setup_logging(training_args)
+
+    read = {"num_pos_examples": data_args.num_pos_examples}
+    with training_args.main_process_first(desc="reading SNI"):
+        train = sni_dataset(data_args.sni_dir, "train", max_instances_per_task=data_args.max_train_instances_per_task, **read)  # fmt: skip
+        test = sni_dataset(data_args.sni_dir, "test", max_instances_per_task=data_args.max_eval_instances_per_task, **read)  # fmt: skip
+    texts = [" ".join(x for x in (e["instruction"], e["input"], e["output"]) if x) for e in train]
+    pretrain = None
+    if stage_args.pretrain_steps:
+        pretrain = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=training_args.seed)
+
+    model, tokenizer = load_tagi_model(model_args)
+    trainer = run_stages(model, tokenizer, training_args, stage_args, train, pretrain, eval_dataset=test)
+    if training_args.do_eval:
+        metrics = trainer.evaluate(eval_dataset=test)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            print(
+                f"SNI test tasks: ROUGE-L {metrics['eval_rougeL']:.2f}, exact match {metrics['eval_exact_match']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

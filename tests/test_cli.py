@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_SNI, tiny_t5, word_tokenizer
+from conftest import tiny_t5, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["train", "generate-adapter", "export", "evaluate", "quickstart"]
@@ -151,26 +151,3 @@ def test_api_quickstart_example_runs_fast(tmp_path):
     assert "held-out ROUGE-L" in proc.stdout
     assert (tmp_path / "api" / "tagi" / "adapter_config.json").is_file()
     assert len((ROOT / "examples" / "quickstart.py").read_text().splitlines()) < 80
-
-
-@pytest.mark.skipif(not SHARED_SNI.is_dir(), reason="../shared/data/sni (the SNI slice) is absent")
-def test_train_sni_example_on_the_real_slice(base_dir, tmp_path):
-    proc = example("train_sni.py", "--sni", str(SHARED_SNI), "--model", str(base_dir), "--output-dir",
-                   str(tmp_path / "sni"), "--steps", "1", "1", "1", "--max-instances", "2", "--max-eval-instances", "1",
-                   "--r", "4")  # fmt: skip
-    assert "SNI test tasks: ROUGE-L" in proc.stdout
-
-
-def test_train_p3_example_on_local_subsets(base_dir, tmp_path):
-    import datasets
-
-    for name, choices in (("rte_gpt3", ["yes", "no"]), ("copa_choose", ["cat", "dog"])):
-        rows = {
-            "inputs_pretokenized": ["cat dog sun ?", "red blue tree ?"],
-            "targets_pretokenized": [choices[0], choices[1]],
-            "answer_choices": [choices, choices],
-        }
-        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "p3" / name))
-    proc = example("train_p3.py", "--p3", str(tmp_path / "p3"), "--train-subsets", "rte_gpt3", "--eval-subset",
-                   "copa_choose", "--model", str(base_dir), "--output-dir", str(tmp_path / "out"), "--steps", "1", "1")  # fmt: skip
-    assert "rank-classification accuracy" in proc.stdout

@@ -60,7 +60,9 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
     kd_temperature: float = field(default=2.0, metadata={"help": "KL temperature."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Cross-entropy weight."})
     lambda_kl: float = field(default=5.0, metadata={"help": "KL weight."})
-    lambda_ins: Any = field(default="sigmoid", metadata={"help": "'sigmoid' or a float: ΔW alignment weight."})
+    # Annotated `str` so that HfArgumentParser passes "sigmoid" or "0.5" through; __post_init__ turns a number into a
+    # float (an `Any` or `str | float` field would make the command line reject one of the two forms).
+    lambda_ins: str = field(default="sigmoid", metadata={"help": "'sigmoid' or a float: ΔW alignment weight."})
     ins_reduction: str = field(default="mean", metadata={"help": "L_ins per ΔW entry ('mean') or Frobenius ('sum')."})
     group_by: str = field(default="task_name", metadata={"help": "Bank index: task_name | category."})
     teachers_output_dir: str | None = field(default=None, metadata={"help": "Teacher LoRA folders (stage teachers)."})
@@ -108,9 +110,10 @@ def tagi_model_of(model: torch.nn.Module) -> TagiModel:
     return inner
 
 
-def _is_complete_checkpoint(folder: Path) -> bool:
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a readable `trainer_state.json`, which the Trainer writes last (checkpoint or run)."""
     try:
-        json.loads((folder / TRAINER_STATE_NAME).read_text())
+        json.loads((Path(folder) / TRAINER_STATE_NAME).read_text())
     except (OSError, ValueError):
         return False
     return True
@@ -123,7 +126,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         return None
     numbered = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
     for _, checkpoint in sorted(numbered, reverse=True):
-        if _is_complete_checkpoint(checkpoint):
+        if is_complete_checkpoint(checkpoint):
             return str(checkpoint)
         logger.warning(f"Skipping {checkpoint}: it is incomplete (the run stopped while writing it).")
     return None
@@ -218,6 +221,14 @@ class TagiTrainer(Seq2SeqTrainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
+        wants_fsdp = (args.fsdp and not args.fsdp_config.get("xla")) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if wants_fsdp and not self.is_fsdp_enabled:
+            # accelerate applies the FSDP plugin only on GPU-like devices; elsewhere the Trainer would quietly run DDP.
+            raise ValueError(
+                f"FSDP was requested but accelerate did not enable it ({self.accelerator.distributed_type}): FSDP "
+                "needs GPUs (or NPUs, XPUs, ...). Drop --fsdp / fsdp= / accelerate's --use_fsdp to train with DDP on "
+                "this machine."
+            )
         self._prepare_teachers(tagi)
 
     # ------------------------------------------------------------------ set-up
@@ -400,7 +411,7 @@ class TagiTrainer(Seq2SeqTrainer):
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder; "
                     "train from scratch (resume_from_checkpoint=None) or pass a checkpoint path."
                 )
-        elif resume_from_checkpoint and not _is_complete_checkpoint(Path(resume_from_checkpoint)):
+        elif resume_from_checkpoint and not is_complete_checkpoint(Path(resume_from_checkpoint)):
             raise ValueError(
                 f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}: the run "
                 "stopped while writing it); resume from an earlier checkpoint-N or with resume_from_checkpoint=True."
