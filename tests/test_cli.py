@@ -118,8 +118,9 @@ def test_config_file_rejects_unknown_options(tmp_path, base_dir):
 
 
 def test_quickstart_fast_writes_the_report(tmp_path):
-    proc = cli("quickstart", "--fast", "--output-dir", str(tmp_path / "qs"), timeout=240)
+    proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=600)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert results["config"]["seed"] == 3
     assert set(results["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
     for row in results["rows"].values():
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)

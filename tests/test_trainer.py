@@ -200,11 +200,28 @@ def test_pretrain_stage_trains_only_the_hypernetwork(tmp_path):
 # ---------------------------------------------------------------- 4. distillation losses
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lowrank_delta_distance_is_the_per_entry_mse_of_the_dense_difference(seed):
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in = 48, 40
+    A, B = torch.randn(2, 4, d_in, generator=g, dtype=torch.float64), torch.randn(2, d_out, 4, generator=g).double()
+    A2, B2 = torch.randn(2, 8, d_in, generator=g).double(), torch.randn(2, d_out, 8, generator=g).double()
+    difference = 0.5 * B @ A - 2.0 * B2 @ A2  # (2, out, in), formed here only to check the Gram-matrix form
+    mse = (difference**2).mean((1, 2))
+    torch.testing.assert_close(lowrank_delta_distance(A, B, 0.5, A2, B2, 2.0), mse, rtol=1e-6, atol=0)
+    frobenius = (difference**2).sum((1, 2))
+    torch.testing.assert_close(lowrank_delta_distance(A, B, 0.5, A2, B2, 2.0, "sum"), frobenius, rtol=1e-6, atol=0)
+    single = lowrank_delta_distance(A.float(), B.float(), 0.5, A2.float(), B2.float(), 2.0)
+    torch.testing.assert_close(single.double(), mse, rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="'mean' .* or 'sum'"):
+        lowrank_delta_distance(A, B, 0.5, A2, B2, 2.0, "max")
+
+
 def test_lowrank_delta_distance_equals_dense():
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(3, 4, 10, generator=g), torch.randn(3, 7, 4, generator=g)
     A2, B2 = torch.randn(3, 6, 10, generator=g), torch.randn(3, 7, 6, generator=g)
-    dense = ((0.5 * B @ A - 2.0 * B2 @ A2) ** 2).sum((1, 2))
+    dense = ((0.5 * B @ A - 2.0 * B2 @ A2) ** 2).mean((1, 2))
     assert torch.allclose(lowrank_delta_distance(A, B, 0.5, A2, B2, 2.0), dense, rtol=1e-4)
     # gauge invariance: (A, B) -> (M A, B M^-1) leaves the loss unchanged
     M = torch.randn(4, 4, generator=g) + 4 * torch.eye(4)
@@ -282,9 +299,26 @@ def test_separate_teacher_model(tmp_path, toy):
     assert trainer.state.log_history[0]["loss_kl"] > 0
 
 
+def test_a_non_finite_loss_term_stops_training_at_once_and_is_named(tmp_path, toy):
+    teacher = tiny_t5(seed=5)
+    with torch.no_grad():
+        teacher.lm_head.weight.fill_(float("inf"))  # teacher logits inf/NaN: the KL term is not finite
+    model = tagi_t5()
+    trainer = TagiTrainer(
+        model=model, args=args_for(tmp_path, "distill", max_steps=3, lambda_ins=0.0), train_dataset=toy,
+        processing_class=word_tokenizer(), teacher_model=teacher,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"step 1 \(stage 'distill'\): the loss term\(s\) kl=nan"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a NaN step reached the weights"
+
+
 def test_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="stage must be one of"):
         args_for(tmp_path, "finetune")
+    with pytest.raises(ValueError, match="ins_reduction must be 'mean' or 'sum'"):
+        args_for(tmp_path, "distill", ins_reduction="max")
     with pytest.raises(ValueError, match="lambda_ins must be 'sigmoid' or a number"):
         args_for(tmp_path, "distill", lambda_ins="auto")
     assert args_for(tmp_path, "distill", lambda_ins="0.5").lambda_ins == 0.5

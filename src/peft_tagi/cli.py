@@ -213,6 +213,7 @@ def cmd_quickstart(args) -> None:
     from .quickstart import QuickstartConfig, format_table, run_quickstart
 
     config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
+    config.seed = args.seed
     results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
     print(format_table(results))
     print(f"\nTimings (s): {results['timings_s']}")
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output-dir", default="tagi-quickstart")
     quick.add_argument("--fast", action="store_true", help="smoke run (under 2 minutes)")
     quick.add_argument("--overwrite", action="store_true")
+    quick.add_argument(
+        "--seed", type=int, default=0, help="seed of the task split, the data and every initialisation (default 0)"
+    )
     quick.set_defaults(func=cmd_quickstart)
     return parser
 

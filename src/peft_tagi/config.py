@@ -60,6 +60,14 @@ class TagiConfig(PeftConfig):
             is writing for.
         pooling (`str`): how encoded instruction tokens become one task vector: `"mean"` (masked mean, padding
             excluded) or `"attention"` (a learned query attends over the tokens; starts as the masked mean).
+
+    Precision: the hypernetwork is created in float32 whatever the base model's dtype (as peft keeps LoRA weights in
+    float32 on a half-precision base): it is small, and its output heads write thousands of weights from one
+    feature vector, where bf16's 8-bit mantissa would round every generated entry. Instruction states from a bf16 or
+    fp16 base are cast to float32 on entry, the generated A and B stay float32 (so are exported adapters and the
+    ΔW-alignment loss, which is also computed in float32 under autocast), and each `TagiLinear` casts them to its
+    input's dtype for the matmul. Casting the whole PeftModel (`model.to(torch.bfloat16)`) casts the hypernetwork
+    too; that works, at bf16 precision.
     """
 
     r: int = field(default=32, metadata={"help": "LoRA rank of the generated adapters."})

@@ -92,7 +92,12 @@ class TagiHypernetwork(nn.Module):
         return torch.einsum("ts,tsd->td", weights, states)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """states: (T, S, d), mask: (T, S) -> {module name: (A (T, r, in), B (T, out, r))}."""
+        """states: (T, S, d), mask: (T, S) -> {module name: (A (T, r, in), B (T, out, r))}.
+
+        The states come in the base model's dtype (e.g. bfloat16) and are cast to the hypernetwork's (float32 unless
+        the whole model was cast), so the weights are generated at the hypernetwork's precision.
+        """
+        states = states.to(self.input_proj.weight.dtype)
         task = self.input_proj(self.input_norm(self.pool(states, mask)))  # (T, H)
         n_tasks, n_modules = task.shape[0], len(self.targets)
         emb = self.module_embedding.weight.to(task.dtype)  # (M, E)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from .config import TagiConfig
 
 
 class TagiLinear(nn.Module, BaseTunerLayer):
@@ -21,8 +26,10 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         (beam search and `num_return_sequences` repeat each row consecutively).
     """
 
+    # Nothing per adapter name: the weights come from outside and a TAGI model holds one adapter. peft's generic code
+    # (delete_adapter, device moves) treats every name listed here as a dict keyed by adapter name.
     adapter_layer_names = ()
-    other_param_names = ("r", "lora_alpha", "scaling")
+    other_param_names = ()
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float
@@ -62,6 +69,11 @@ class TagiLinear(nn.Module, BaseTunerLayer):
                 raise ValueError("Several task weight sets need a row_index that maps each batch row to one of them.")
         self._task_A, self._task_B, self._row_index = lora_A, lora_B, row_index
 
+    @property
+    def task_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The installed (A, B, row_index), or Nones."""
+        return self._task_A, self._task_B, self._row_index
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B · A of the single installed task, shaped like the base weight."""
         if self._task_A is None or self._task_A.shape[0] != 1:
@@ -75,21 +87,39 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         if self.merged:
             return
         delta = self.delta_weight()
-        weight = self.get_base_layer().weight
-        merged = weight.data + delta.to(weight.dtype)
+        weight = self._get_dense_weight()
+        merged = weight + delta.to(weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError("NaN or inf found while merging the task adapter; the generated weights are broken.")
-        weight.data = merged
+        self._set_dense_weight(merged)
         self._merged_delta = delta
         self.merged_adapters = [self.active_adapter]
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        weight = self.get_base_layer().weight
-        weight.data -= self._merged_delta.to(weight.dtype)
+        weight = self._get_dense_weight()
+        self._set_dense_weight(weight - self._merged_delta.to(weight.dtype))
         self._merged_delta = None
         self.merged_adapters = []
+
+    # Merging reads and writes the base weight only through these two methods, so that a layer whose weight is
+    # stored quantized (bnb.py) overrides them and nothing else.
+    def _get_dense_weight(self) -> torch.Tensor:
+        """The base weight as a floating-point tensor shaped like `delta_weight()`."""
+        weight = self.get_base_layer().weight.data
+        if not weight.is_floating_point():
+            # Adding ΔW to integer storage would round it away or break the packing: refuse instead.
+            raise TypeError(
+                f"{type(self.get_base_layer()).__name__} stores its weight quantized ({weight.dtype}); a plain "
+                "TagiLinear cannot merge into it. Let get_peft_model create the layer: with bitsandbytes installed "
+                "it builds TagiLinear8bitLt / TagiLinear4bit, which dequantize, merge and re-quantize."
+            )
+        return weight
+
+    def _set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Store `weight` (shaped like `delta_weight()`) as the base weight."""
+        self.get_base_layer().weight.data = weight
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -117,3 +147,11 @@ class TagiLinear(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "tagi." + super().__repr__()
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, config: TagiConfig, **kwargs) -> TagiLinear | None:
+    """A `TagiLinear` for a plain `nn.Linear` or `Conv1D` target, None for anything else (the last dispatcher)."""
+    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not isinstance(base_layer, (nn.Linear, Conv1D)):
+        return None
+    return TagiLinear(target, adapter_name, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)

@@ -8,15 +8,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TaskType
 from torch import nn
 from transformers.utils import logging
 
 from .adapter import TaskAdapter
+from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
 from .hypernetwork import TagiHypernetwork, TargetSpec
-from .layer import TagiLinear
+from .layer import TagiLinear, dispatch_default
 
 logger = logging.get_logger(__name__)
 
@@ -90,6 +92,7 @@ class TagiModel(BaseTuner):
         self.last_task_weights: TaskWeights | None = None
         self._fusion_handle = None
         self._layers: dict[str, TagiLinear] = {}
+        self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
     @staticmethod
     def _prepare_adapter_config(peft_config: TagiConfig, model_config: dict) -> TagiConfig:
@@ -115,26 +118,50 @@ class TagiModel(BaseTuner):
     ) -> None:
         if parameter_name is not None:
             raise ValueError("TAGI targets modules, not parameters: leave target_parameters unset.")
-        new_module = TagiLinear(
-            target,
-            adapter_name,
-            r=peft_config.r,
-            lora_alpha=peft_config.lora_alpha,
-            lora_dropout=peft_config.lora_dropout,
-        )
+        new_module = self._create_new_module(peft_config, adapter_name, target)
         self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(peft_config: TagiConfig, adapter_name: str, target: nn.Module) -> TagiLinear:
+        # Each dispatcher returns a layer for the targets it knows, or None. The first match wins, so the backends
+        # whose layers subclass nn.Linear (bitsandbytes) come before the plain default.
+        dispatchers = []
+        if is_bnb_available():  # imported lazily: bitsandbytes is optional
+            from .bnb import dispatch_bnb_8bit
+
+            dispatchers.append(dispatch_bnb_8bit)
+        if is_bnb_4bit_available():
+            from .bnb import dispatch_bnb_4bit
+
+            dispatchers.append(dispatch_bnb_4bit)
+        dispatchers.append(dispatch_default)
+        for dispatcher in dispatchers:
+            new_module = dispatcher(target, adapter_name, config=peft_config)
+            if new_module is not None:
+                return new_module
+        raise ValueError(
+            f"TAGI cannot target {type(target).__name__}: it supports torch.nn.Linear, transformers Conv1D and "
+            "bitsandbytes Linear8bitLt / Linear4bit layers. Choose other target_modules in TagiConfig."
+        )
 
     def _post_injection_hook(self, model: nn.Module, config: TagiConfig, adapter_name: str) -> None:
         self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
+        self._checkpointable = checkpointable_modules(model)
         embeddings = model.get_input_embeddings()
-        hypernetwork = TagiHypernetwork(
-            d_model=embeddings.embedding_dim,
-            targets=self.target_specs,
-            r=config.r,
-            hidden_size=config.hypernetwork_hidden_size,
-            module_embedding_dim=config.module_embedding_dim,
-            pooling=config.pooling,
-        ).to(embeddings.weight.device)
+        # Built in place on the base model's device (not moved there): under peft's low_cpu_mem_usage the parameters
+        # are created on the meta device and a copy would fail; the checkpoint's tensors are assigned later. The
+        # hypernetwork stays in float32 whatever the base dtype (see TagiConfig).
+        with torch.device(embeddings.weight.device):
+            hypernetwork = TagiHypernetwork(
+                d_model=embeddings.embedding_dim,
+                targets=self.target_specs,
+                r=config.r,
+                hidden_size=config.hypernetwork_hidden_size,
+                module_embedding_dim=config.module_embedding_dim,
+                pooling=config.pooling,
+            )
+        # peft's contract: nothing is trainable in inference mode (also PeftModel.from_pretrained(is_trainable=False)).
+        hypernetwork.requires_grad_(not config.inference_mode)
         self.tagi_hypernetwork = nn.ModuleDict({adapter_name: hypernetwork})
         if config.instruction_fusion:
             self._fusion_handle = model.get_decoder().register_forward_pre_hook(
@@ -308,6 +335,14 @@ class TagiModel(BaseTuner):
         if not self._adapters_enabled:
             yield  # inside disable_adapter(): the plain base model, instructions ignored
             return
+        if not self.peft_config:
+            if instruction_input_ids is not None:
+                raise ValueError(
+                    "This model's TAGI adapter was deleted (delete_adapter), so it cannot read instructions; load a "
+                    "TAGI checkpoint with PeftModel.from_pretrained, or drop instruction_input_ids to run the base model."
+                )
+            yield
+            return
         if instruction_input_ids is None:
             if self._active is None:
                 raise ValueError(
@@ -375,6 +410,8 @@ class TagiModel(BaseTuner):
         instruction_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
+        if torch.is_grad_enabled():
+            wrap_checkpoint_functions(self._checkpointable)
         with self._task_context(instruction_input_ids, instruction_attention_mask, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
@@ -457,6 +494,27 @@ class TagiModel(BaseTuner):
             raise TypeError(f"use_adapter expects a TaskAdapter, got {type(adapter).__name__}.")
         with self.apply_task_weights(self.task_weights_from_adapter(adapter)):
             yield adapter
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the TAGI adapter: every TAGI layer gives back its base layer and the hypernetwork is dropped.
+
+        A TAGI model holds one adapter, so this is `unload()` plus forgetting the config; the base model is restored
+        exactly. Afterwards the model runs the plain base model and refuses instruction inputs.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}.")
+        if any(layer.merged for layer in self._layers.values()):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights: call unmerge_adapter() before deleting it, "
+                "or merge_and_unload() to keep the merged model."
+            )
+        self._unload_and_optionally_merge(merge=False)
+        del self.peft_config[adapter_name]
+        for container in ("tagi_hypernetwork", "tagi_teachers"):
+            if container in self._modules and adapter_name in self._modules[container]:
+                del self._modules[container][adapter_name]
+        self._checkpointable = []
+        self.active_adapter = []
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         if merge:

@@ -55,7 +55,8 @@ class QuickstartConfig:
         base_steps, teacher_steps, pretrain_steps, distill_steps, oracle_steps: optimisation steps per stage.
         batch_size: examples per step.
         instruction_fusion: whether the TAGI model cross-attends to the instruction.
-        lambda_kl, lambda_ins: distillation weights (see `TagiTrainingArguments`).
+        lambda_kl, lambda_ins, ins_reduction: distillation weights and the ΔW-alignment scale (see
+            `TagiTrainingArguments`).
         group_by: the bank of parameter teachers: one LoRA per `"category"` (the task's first step, as the paper
             does per SNI category) or per `"task_name"`.
         demonstrations: mix single-step demonstrations ("reverse the words: cat dog output: dog cat.") into the base
@@ -92,6 +93,8 @@ class QuickstartConfig:
     # TAGI's ROUGE-L from 24.5 to 19.8 there, so the quickstart trains without it (the trainer's default keeps the
     # paper's "sigmoid"; bench/ablation.py measures both).
     lambda_ins: str | float = 0.0
+    # The measurements above used the Frobenius sum ("sum"); the trainer's default is now the paper's per-entry MSE.
+    ins_reduction: str = "mean"
     validation_tasks: int = 0
     group_by: str = "category"
     demonstrations: bool = True
@@ -355,7 +358,13 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     lap("hypernetwork pretraining")
 
     args = _training_args(
-        work, "distill", config.distill_steps, config, lambda_kl=config.lambda_kl, lambda_ins=config.lambda_ins
+        work,
+        "distill",
+        config.distill_steps,
+        config,
+        lambda_kl=config.lambda_kl,
+        lambda_ins=config.lambda_ins,
+        ins_reduction=config.ins_reduction,
     )
     TagiTrainer(
         model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, teachers=teachers_dir

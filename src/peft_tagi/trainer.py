@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -43,8 +44,12 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
         kd_temperature (`float`): softmax temperature T of the KL term (scaled by T²).
         lambda_ce (`float`): weight of the cross-entropy term.
         lambda_kl (`float`): weight of KL(teacher_T ‖ student_T) over label tokens (the paper uses 5).
-        lambda_ins (`str` or `float`): weight of ‖ΔW_gen − ΔW_teacher‖²_F; `"sigmoid"` uses sigmoid(L_ins) as in the
-            paper, a number uses that constant, 0 disables the term.
+        lambda_ins (`str` or `float`): weight of the ΔW-alignment loss L_ins; `"sigmoid"` uses sigmoid(L_ins) as in
+            the paper, a number uses that constant, 0 disables the term.
+        ins_reduction (`str`): how L_ins reduces (ΔW_gen − ΔW_teacher)² over each module's out × in entries:
+            `"mean"` (the paper's element-wise MSE, of order 1e-3 for trained adapters) or `"sum"` (the squared
+            Frobenius norm, out · in times larger, which outweighs CE and KL by orders of magnitude). Averaged over
+            modules and tasks either way.
         group_by (`str`): what the bank of parameter teachers is indexed by: `"task_name"` or `"category"`.
         teachers_output_dir (`str`, *optional*): where stage `teachers` writes its LoRA folders; defaults to
             `<output_dir>/teachers`. An existing non-empty folder is only replaced with `overwrite_teachers=True`.
@@ -56,6 +61,7 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
     lambda_ce: float = field(default=1.0, metadata={"help": "Cross-entropy weight."})
     lambda_kl: float = field(default=5.0, metadata={"help": "KL weight."})
     lambda_ins: Any = field(default="sigmoid", metadata={"help": "'sigmoid' or a float: ΔW alignment weight."})
+    ins_reduction: str = field(default="mean", metadata={"help": "L_ins per ΔW entry ('mean') or Frobenius ('sum')."})
     group_by: str = field(default="task_name", metadata={"help": "Bank index: task_name | category."})
     teachers_output_dir: str | None = field(default=None, metadata={"help": "Teacher LoRA folders (stage teachers)."})
     overwrite_teachers: bool = field(default=False, metadata={"help": "Replace an existing teachers folder."})
@@ -66,6 +72,10 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
         if self.stage not in STAGES:
             raise ValueError(f"TagiTrainingArguments.stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        if self.ins_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"TagiTrainingArguments.ins_reduction must be 'mean' or 'sum', got {self.ins_reduction!r}."
+            )
         if self.group_by not in ("task_name", "category"):
             raise ValueError(
                 f"TagiTrainingArguments.group_by must be 'task_name' or 'category', got {self.group_by!r}."
@@ -303,6 +313,7 @@ class TagiTrainer(Seq2SeqTrainer):
             self._bank_weights,
             tagi.tagi_config.scaling,
             self._bank_scaling,
+            reduction=self.args.ins_reduction,
         )
 
     def _clip_grad_norm(self, model):
@@ -353,8 +364,17 @@ class TagiTrainer(Seq2SeqTrainer):
         return ce_meta + ce_bank, outputs
 
     def _record(self, terms: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            self._term_sums[name] += float(value.detach())
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        broken = [name for name, value in values.items() if not math.isfinite(value)]
+        if broken:
+            # Stop at the first non-finite term: an optimizer step on it would write NaN into every weight.
+            raise FloatingPointError(
+                f"Training step {self.state.global_step + 1} (stage {self.args.stage!r}): the loss term(s) "
+                f"{', '.join(f'{n}={values[n]}' for n in broken)} are not finite. Lower the learning rate, "
+                "check the data of this step, or resume from an earlier checkpoint."
+            )
+        for name, value in values.items():
+            self._term_sums[name] += value
             self._term_counts[name] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
