@@ -37,8 +37,10 @@ What is counted (bytes, one device, one optimizer step, data-parallel degree 1):
   LoRA weights (T·Σ r·(in + out)·4) and, in `distill`, the bank rows gathered for the ΔW alignment.
   Gradient checkpointing (non-reentrant) keeps one layer input per layer (R·S·d·b) plus one layer's full
   activations (the largest) during its recomputation.
-  `distill` also runs the teacher forward (no grad) while the student's activations are alive; its working set is
-  one layer of the teacher rows plus the teacher's encoder output and logits.
+  The peak is what is kept to the backward plus the largest of what comes and goes on top of it: the loss head
+  (end of the forward, start of the backward), the recomputed layer with its output gradient (checkpointing), or,
+  in `distill`, the teacher forward (no grad: one layer's live tensors of the teacher rows, the teacher's encoder
+  output) next to the student's logits.
 
 Stage workloads (`TagiTrainer`): `teachers` runs 2B rows (B meta rows reading instruction + input, B bank rows
 padded to the same width) with no fusion; `pretrain` and `distill` run the student on B rows of the input (the
@@ -198,14 +200,18 @@ def tagi_config_for(config, workload: Workload):
     )  # fmt: skip
 
 
-def build_tagi(config, workload: Workload, device: str | torch.device = "cpu"):
-    """`get_peft_model(model_from_config, TagiConfig)`; on `"meta"` nothing is allocated (t5-11b costs nothing)."""
+def build_tagi(config, workload: Workload, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """`get_peft_model(model_from_config, TagiConfig)`; on `"meta"` nothing is allocated (t5-11b costs nothing).
+
+    The base is cast to `dtype` before the adapter is added, as when it is loaded in that dtype (the hypernetwork
+    then stays in float32).
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device(device):
-        base = auto.from_config(config)
+        base = auto.from_config(config).to(dtype)
         model = get_peft_model(base, tagi_config_for(config, workload))
     return model
 
@@ -288,7 +294,11 @@ def layer_activation_bytes(arch: Arch, kind: str, rows: int, q_len: int, kv_len:
 def _stack_activations(
     arch: Arch, rows: int, enc_len: int, dec_len: int, kv_len: int, dtype: str, r: int, checkpointing: bool
 ) -> int:
-    """Saved activations of one forward through the blocks (no head), with or without checkpointing."""
+    """Saved activations of one forward through the blocks (no head): (kept to the backward, one recomputed layer).
+
+    Without checkpointing everything is kept and nothing recomputed; with it, each layer's input is kept and the
+    largest layer's activations exist again while it is recomputed in the backward.
+    """
     b = 4 if dtype == "fp32" else 2
     d = arch.d_model
     if arch.family == "t5":
@@ -300,9 +310,9 @@ def _stack_activations(
         shared = rows * dec_len * dec_len  # the boolean padding + causal mask
     full = [layer_activation_bytes(arch, *layer[:1], *layer[1:], dtype=dtype, r=r) for layer in layers]
     if not checkpointing:
-        return sum(full) + shared
+        return sum(full) + shared, 0
     inputs = sum(rows_ * q * d * b for _, rows_, q, _ in layers)
-    return inputs + max(full) + shared
+    return inputs + shared, max(full)
 
 
 def _head_bytes(arch: Arch, rows: int, positions: int, label_len: int, teacher_positions: int, dtype: str, stage: str):
@@ -312,9 +322,9 @@ def _head_bytes(arch: Arch, rows: int, positions: int, label_len: int, teacher_p
     # logits (compute dtype) + fp32 upcast for the loss (bf16 only) + log-softmax output (fp32) + its gradient (fp32)
     total = logits * b + (logits * 4 if b != 4 else 0) + 2 * logits * 4
     if stage == "distill":
-        # the teacher's logits (compute dtype), then over the label tokens only: student and teacher logits in fp32,
-        # divided by T, their log-softmax and the KL's elementwise terms
-        total += rows * teacher_positions * arch.vocab_size * b + 5 * rows * label_len * arch.vocab_size * 4
+        # the teacher's logits (compute dtype); over the label tokens only, the fp32 log-softmax of student and
+        # teacher (saved for the KL's backward) and the KL's elementwise terms
+        total += rows * teacher_positions * arch.vocab_size * b + 3 * rows * label_len * arch.vocab_size * 4
     return total
 
 
@@ -362,17 +372,18 @@ def predict(config, workload: Workload, stage: str, dtype: str, checkpointing: b
     else:
         dec_len = (enc_len if stage == "teachers" else w.input_len) + w.output_len
         positions = dec_len
-    blocks = _stack_activations(arch, rows, enc_len, dec_len, kv_len, dtype, r, checkpointing)
+    blocks, recomputed = _stack_activations(arch, rows, enc_len, dec_len, kv_len, dtype, r, checkpointing)
     embeddings = rows * (enc_len + dec_len if seq2seq else dec_len) * arch.d_model * b
     teacher_positions = w.output_len if seq2seq else w.instruction_len + w.input_len + w.output_len
     head = _head_bytes(arch, rows, positions, w.output_len, teacher_positions, dtype, stage)
     generated = 0
     if stage != "teachers":
         generated = w.unique_instructions * lora * 4 * (2 if stage == "distill" else 1)  # + gathered bank rows
-    activations = blocks + embeddings + head + generated
     if checkpointing:
-        # the recomputed layer's activations exist next to the gradient of its output
-        activations += rows * max(enc_len, dec_len) * arch.d_model * b
+        # the logits' gradient is gone before the last layer is recomputed; that layer's activations then exist next
+        # to the gradient of its output
+        recomputed += rows * max(enc_len, dec_len) * arch.d_model * b
+    kept = blocks + embeddings + generated
     teacher = 0
     if stage == "distill":
         # no grad: nothing is saved, the working set is one layer's live tensors (hidden, normed, q/k/v/output, the
@@ -387,7 +398,12 @@ def predict(config, workload: Workload, stage: str, dtype: str, checkpointing: b
     if dtype in ("int8", "int4"):
         # bitsandbytes dequantizes one weight at a time to the compute dtype (backward for int8; forward for 4-bit)
         dequantized = max(arch.d_model * arch.d_ff, arch.d_model * arch.inner) * 2
-    step_peak = activations + teacher + dequantized
+    # The largest of what comes and goes on top of the kept activations: the loss head (end of the forward, start of
+    # the backward), the recomputed layer (checkpointing) or the teacher forward next to the student's logits.
+    student_logits = rows * positions * arch.vocab_size * b
+    transient = max(head, recomputed, teacher + student_logits if teacher else 0)
+    activations = kept + transient
+    step_peak = activations + dequantized
     peak = (
         weights + frozen_extra + trainable * 12 + max(step_peak + trainable * 4, optimizer_temporary + trainable * 4)
     )
@@ -530,15 +546,13 @@ def measure(
     generator = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
-        model = build_tagi(config, workload)
+        model = build_tagi(config, workload, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         teachers = None
         if stage == "distill":
             # the teachers folder of a (random) stage-1 run, written and read like the real one
             teachers_trainer = _trainer(build_tagi(config, workload), "teachers", workload, work_dir, None)
             teachers = teachers_trainer.save_teachers(work_dir / "teachers")
             del teachers_trainer
-        if dtype == "bf16":
-            model = model.to(torch.bfloat16)
         model = model.to(device)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -639,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=int, default=Workload.output_len)
     parser.add_argument("--num-groups", type=int, default=Workload.num_groups, help="LoRAs in the teacher bank")
     parser.add_argument("--validate", action="store_true", help="measure real CPU steps on small shapes too")
-    parser.add_argument("--validate-settings", nargs="+", default=["fp32:off"],
+    parser.add_argument("--validate-settings", nargs="+", default=["fp32:off", "fp32:on", "bf16:off", "bf16:on"],
                         help="dtype:checkpointing pairs to validate, e.g. fp32:off fp32:on bf16:off")  # fmt: skip
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
