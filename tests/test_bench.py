@@ -145,3 +145,60 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
+
+
+def test_memory_model_predicts_a_measured_step_within_20_percent():
+    from bench.memory import VALIDATION_SHAPES, Workload, measure, predict
+
+    workload = Workload(batch_size=4, instruction_len=24, input_len=16, output_len=8, num_groups=6,
+                        unique_instructions=2, r=8, hypernetwork_hidden_size=32, module_embedding_dim=16)  # fmt: skip
+    config = VALIDATION_SHAPES["t5-small-ish"]()
+    for stage in ("teachers", "pretrain"):
+        measured = measure(config, workload, stage, "fp32", checkpointing=False)
+        predicted = predict(config, workload, stage, "fp32", checkpointing=False)
+        # the step's activations are a large part of the peak, so a wrong activation model cannot pass
+        assert measured["peak"] > 1.5 * measured["at_start"], (stage, measured)
+        assert abs(predicted["peak"] / measured["peak"] - 1) < 0.2, (stage, predicted, measured)
+
+
+def test_memory_cli_writes_its_table(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--models", "t5-base", "t5-11b", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rows = report["table"]
+    assert {(r["model"], r["stage"], r["dtype"], r["checkpointing"]) for r in rows} == {
+        (m, s, d, c) for m in ("t5-base", "t5-11b") for s in ("teachers", "pretrain", "distill")
+        for d in ("fp32", "bf16", "int8", "int4") for c in (False, True)
+    }  # fmt: skip
+    by_key = {(r["model"], r["stage"], r["dtype"], r["checkpointing"]): r for r in rows}
+    # t5-11b (v1.1 xxl) has ~11.3e9 parameters; counted exactly on the meta device
+    assert 11.0e9 < by_key[("t5-11b", "pretrain", "fp32", False)]["params"]["base"] < 11.6e9
+    for model in ("t5-base", "t5-11b"):
+        fp32, bf16 = by_key[(model, "distill", "fp32", False)], by_key[(model, "distill", "bf16", False)]
+        ckpt = by_key[(model, "distill", "bf16", True)]
+        assert bf16["peak_bytes"] < fp32["peak_bytes"] and ckpt["peak_bytes"] < bf16["peak_bytes"]
+        assert by_key[(model, "distill", "int4", True)]["peak_bytes"] < ckpt["peak_bytes"]
+    assert by_key[("t5-base", "pretrain", "bf16", True)]["fits"]["24GB"]
+    assert not by_key[("t5-11b", "distill", "fp32", False)]["fits"]["80GB"]
+    assert "t5-11b" in proc.stdout and "fits 24/40/80 GB" in proc.stdout
+
+
+def test_gpu_check_runs_on_cpu_tiny(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--steps", "2",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    distill = report["distill"]
+    assert report["dtype"] == "bf16" and report["checkpointing"] is True
+    assert distill["finite_losses"] and len(distill["measured"]["losses"]) == 2
+    assert 0.8 < distill["predicted_over_measured"] < 1.2, distill
+    assert _positive(report["inference"]["ratios"]["b/a tagi_vs_concat"]["value"])
