@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -126,20 +127,29 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     out = tmp_path / "ablation.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
-         "no_fusion", "per_task_teachers", "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+         "no_fusion", "per_task_teachers", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
+         "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["overrides"]["d_model"] == 32
-    assert [r["variant"] for r in report["results"]] == ["no_fusion", "per_task_teachers"]
+    assert [(r["variant"], r["seed"]) for r in report["results"]] == [
+        ("no_fusion", 0), ("no_fusion", 1), ("per_task_teachers", 0), ("per_task_teachers", 1)
+    ]  # fmt: skip
+    for name in ("no_fusion", "per_task_teachers"):
+        cell = report["summary"][name]["tagi"]["rougeL"]
+        seeds = [r["rows"]["tagi"]["rougeL"] for r in report["results"] if r["variant"] == name]
+        assert cell["per_seed"] == seeds and cell["mean"] == round(statistics.fmean(seeds), 2)
+        assert cell["std"] == round(statistics.stdev(seeds), 2)
     assert report["results"][0]["overrides"]["instruction_fusion"] is False
-    assert report["results"][1]["overrides"]["group_by"] == "task_name"
+    assert report["results"][2]["overrides"]["group_by"] == "task_name"
     for result in report["results"]:
         assert result["evaluated_on"] == "validation (training tasks left out)"
         assert set(result["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
         assert all(0 <= row["rougeL"] <= 100 for row in result["rows"].values())
     assert "per_task_teachers" in proc.stdout
+    assert "±" in proc.stdout
     unknown = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--variants", "no_such_variant"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
@@ -202,3 +212,26 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path):
     assert distill["finite_losses"] and len(distill["measured"]["losses"]) == 2
     assert 0.8 < distill["predicted_over_measured"] < 1.2, distill
     assert _positive(report["inference"]["ratios"]["b/a tagi_vs_concat"]["value"])
+
+
+def test_quality_over_seeds_reports_mean_std_and_the_bar(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    tiny = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
+            "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
+            "oracle_steps=1", "batch_size=8"]  # fmt: skip
+    out = tmp_path / "quality.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--fast", "--seeds", "0", "1", "--jobs", "2",
+         "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 1] and [r["seed"] for r in report["results"]] == [0, 1]
+    assert set(report["quality_bar"]["per_seed"]) == {"0", "1"}
+    for seed, bar in report["quality_bar"]["per_seed"].items():
+        rows = next(r["rows"] for r in report["results"] if str(r["seed"]) == seed)
+        assert bar["gain_over_base"] == round(rows["tagi"]["rougeL"] - rows["base"]["rougeL"], 2)
+    # A two-step tiny run learns nothing: the bar must be reported as not met, not passed by default.
+    assert report["quality_bar"]["met"] is False and "quality bar" in proc.stdout and "NOT met" in proc.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000
