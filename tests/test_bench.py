@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# QuickstartConfig overrides (`--set`) for runs that only check the plumbing of the seed and ablation reports.
+TINY_QUICKSTART = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
+                   "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
+                   "oracle_steps=1", "batch_size=8"]  # fmt: skip
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -121,9 +125,7 @@ def test_interleaved_rotates_the_order_and_ratios_are_paired():
 
 def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    tiny = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
-            "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
-            "oracle_steps=1", "batch_size=8"]  # fmt: skip
+    tiny = TINY_QUICKSTART
     out = tmp_path / "ablation.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
@@ -216,9 +218,7 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path):
 
 def test_quality_over_seeds_reports_mean_std_and_the_bar(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    tiny = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
-            "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
-            "oracle_steps=1", "batch_size=8"]  # fmt: skip
+    tiny = TINY_QUICKSTART
     out = tmp_path / "quality.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "quality.py"), "--fast", "--seeds", "0", "1", "--jobs", "2",
