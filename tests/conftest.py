@@ -76,10 +76,13 @@ def task_type(family: str) -> str:
 def randomize_hypernetwork(model, seed: int = 1, std: float = 0.05) -> None:
     """Give the (zero-initialised) B heads random weights so that generated adapters are not zero."""
     generator = torch.Generator().manual_seed(seed)
+    hypernetworks = model.base_model.tagi_hypernetwork
     with torch.no_grad():
-        for name, param in model.base_model.tagi_hypernetwork.named_parameters():
+        for name, param in hypernetworks.named_parameters():
             if ".heads_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                # The heads' outputs are multiplied by head_scale: undo it so that `std` is the scale of B's weights.
+                head_scale = hypernetworks[name.split(".", 1)[0]].head_scale
+                param.copy_(torch.randn(param.shape, generator=generator) * std / head_scale)
 
 
 def make_batch(family: str, batch: int = 3, seq: int = 7, ins_len: int = 6, seed: int = 0) -> dict:

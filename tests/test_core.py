@@ -281,6 +281,27 @@ def test_save_and_reload_in_process(family, tmp_path):
     assert torch.equal(_logits(loaded, batch), expected)
 
 
+def test_checkpoint_from_before_normalized_heads_is_refused_until_marked_and_then_loads_exactly(tmp_path):
+    model = tagi("t5", normalized_heads=False)
+    randomize_hypernetwork(model)
+    assert model.base_model.hypernetwork.head_scale == 1.0
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.base_model.hypernetwork.trunk)
+    batch = make_batch("t5")
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["normalized_heads"]  # what a checkpoint written before the option existed looks like
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks the fields \['normalized_heads'\].*\"normalized_heads\": false"):
+        PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
+    path.write_text(json.dumps({**config, "normalized_heads": False}))
+    loaded = PeftModel.from_pretrained(tiny_t5(), tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded, batch), expected)
+    default = tagi("t5").base_model.hypernetwork
+    assert default.head_scale == 1 / 32 and isinstance(default.trunk[-1], torch.nn.LayerNorm)
+
+
 def test_reload_in_fresh_process_gives_identical_logits(tmp_path):
     base = tiny_t5()
     base.save_pretrained(tmp_path / "base")

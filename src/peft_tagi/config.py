@@ -60,6 +60,12 @@ class TagiConfig(PeftConfig):
             is writing for.
         pooling (`str`): how encoded instruction tokens become one task vector: `"mean"` (masked mean, padding
             excluded) or `"attention"` (a learned query attends over the tokens; starts as the masked mean).
+        normalized_heads (`bool`): layer-normalise the trunk's features and multiply the outputs of the heads that
+            write A and B by 1 / hypernetwork_hidden_size (their weights start that much larger, so a fresh
+            hypernetwork is unchanged). Adam then moves the generated weights by about the learning rate per step,
+            as for a LoRA; without it they move up to hundreds of times faster, grow without bound, and training
+            diverged for one quickstart seed in three. Checkpoints saved before this option existed have neither:
+            their adapter_config.json needs `"normalized_heads": false`.
 
     Precision: the hypernetwork is created in float32 whatever the base model's dtype (as peft keeps LoRA weights in
     float32 on a half-precision base): it is small, and its output heads write thousands of weights from one
@@ -87,6 +93,9 @@ class TagiConfig(PeftConfig):
     module_embedding_dim: int = field(default=64, metadata={"help": "Size of the per-module embedding."})
     pooling: Literal["mean", "attention"] = field(
         default="mean", metadata={"help": "Instruction pooling: 'mean' or 'attention'."}
+    )
+    normalized_heads: bool = field(
+        default=True, metadata={"help": "LayerNorm the trunk and scale the A/B heads by 1 / hidden size."}
     )
 
     def __post_init__(self) -> None:
@@ -124,6 +133,8 @@ class TagiConfig(PeftConfig):
                 f"TagiConfig.target_modules must be a list of module names, a regex string or None, "
                 f"got {self.target_modules!r}."
             )
+        if not isinstance(self.normalized_heads, bool):
+            raise ValueError(f"TagiConfig.normalized_heads must be True or False, got {self.normalized_heads!r}.")
         if self.instruction_fusion is None:
             self.instruction_fusion = self.task_type == TaskType.SEQ_2_SEQ_LM
         elif not isinstance(self.instruction_fusion, bool):
@@ -154,9 +165,14 @@ class TagiConfig(PeftConfig):
             saved = json.loads((folder / CONFIG_NAME).read_text())
             missing = [name for name in _SHAPE_FIELDS if name not in saved]
             if missing:
+                hint = (
+                    ' (a checkpoint saved before normalized_heads existed has no normalized heads: add "normalized_heads": false)'
+                    if "normalized_heads" in missing
+                    else ""
+                )
                 raise ValueError(
-                    f"{folder / CONFIG_NAME} lacks the fields {missing}, which fix the shapes of the saved weights; "
-                    "restore them or save the checkpoint again with save_pretrained."
+                    f"{folder / CONFIG_NAME} lacks the fields {missing}, which fix how the saved weights are read; "
+                    f"restore them{hint} or save the checkpoint again with save_pretrained."
                 )
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
@@ -165,7 +181,15 @@ class TagiConfig(PeftConfig):
 
 
 # The fields a saved checkpoint must state: their defaults would build weights of other shapes.
-_SHAPE_FIELDS = ("r", "target_modules", "hypernetwork_hidden_size", "module_embedding_dim", "pooling")
+# `normalized_heads` changes how the saved weights are read: a wrong value would give other adapters without an error.
+_SHAPE_FIELDS = (
+    "r",
+    "target_modules",
+    "hypernetwork_hidden_size",
+    "module_embedding_dim",
+    "pooling",
+    "normalized_heads",
+)
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -29,11 +29,14 @@ class TagiHypernetwork(nn.Module):
 
     Pipeline: masked pooling of the instruction states into a task vector (padding never counts), LayerNorm and a
     projection, concatenation with a learned per-module embedding (layer and module identity), a shared two-layer
-    ReLU trunk, then linear heads per module kind and shape that emit A and B.
+    ReLU trunk (a LayerNorm on its output with `normalized_heads`), then linear heads per module kind and shape that
+    emit A and B.
 
     The B heads start at exactly zero, so a fresh hypernetwork writes ΔW = B·A = 0 and the adapted model equals the
     base model (LoRA's own initialisation argument). The A heads start with a bias drawn like LoRA's A
-    (kaiming-uniform) so that gradients reach B from the first step.
+    (kaiming-uniform) so that gradients reach B from the first step. With `normalized_heads` the trunk's features are
+    layer-normalised and the heads' outputs multiplied by 1 / hidden_size (see `__init__`), which keeps the generated
+    weights at a LoRA's scale in training.
     """
 
     def __init__(
@@ -44,10 +47,19 @@ class TagiHypernetwork(nn.Module):
         hidden_size: int,
         module_embedding_dim: int,
         pooling: str,
+        normalized_heads: bool = True,
     ) -> None:
         super().__init__()
         self.targets = list(targets)
         self.r = r
+        # Each head writes thousands of numbers from one `hidden_size` feature vector h. An Adam step moves every
+        # head weight by about the learning rate, so it moves each generated entry by up to lr · ‖h‖₁: with raw ReLU
+        # features (which grow under Adam too) hundreds of times the step of a LoRA trained directly. Measured on the
+        # quickstart: max |ΔW| 200 after 50 distillation steps, 20,000 after 65, then an infinite gradient norm (one
+        # seed in three diverged). `normalized_heads` bounds that step to about the learning rate, as for a LoRA:
+        # a LayerNorm keeps h at unit scale and the heads' outputs are multiplied by 1 / hidden_size (their weights
+        # start hidden_size times larger, so a fresh hypernetwork is unchanged). Either alone was not enough.
+        self.head_scale = 1.0 / hidden_size if normalized_heads else 1.0
         self.pooling = pooling
         if pooling == "attention":
             # Zero query: uniform attention over real tokens, i.e. the masked mean, at initialisation.
@@ -61,13 +73,15 @@ class TagiHypernetwork(nn.Module):
             nn.Linear(hidden_size, hidden_size),
             nn.ReLU(),
         )
+        if normalized_heads:
+            self.trunk.append(nn.LayerNorm(hidden_size))
         self.heads_A = nn.ModuleDict()
         self.heads_B = nn.ModuleDict()
         for spec in self.targets:
             if spec.head_key in self.heads_A:
                 continue
             head_A = nn.Linear(hidden_size, r * spec.in_features)
-            bound = 1.0 / math.sqrt(spec.in_features)
+            bound = 1.0 / math.sqrt(spec.in_features) / self.head_scale
             nn.init.uniform_(head_A.bias, -bound, bound)
             nn.init.normal_(head_A.weight, std=bound / math.sqrt(hidden_size))
             head_B = nn.Linear(hidden_size, spec.out_features * r)
@@ -108,8 +122,8 @@ class TagiHypernetwork(nn.Module):
         weights = {}
         for key, indices in self._groups.items():
             group = features[:, indices]  # (T, m, H)
-            flat_A = self.heads_A[key](group)
-            flat_B = self.heads_B[key](group)
+            flat_A = self.heads_A[key](group) * self.head_scale
+            flat_B = self.heads_B[key](group) * self.head_scale
             for j, i in enumerate(indices):
                 spec = self.targets[i]
                 lora_A = flat_A[:, j].reshape(n_tasks, self.r, spec.in_features)

@@ -159,6 +159,7 @@ class TagiModel(BaseTuner):
                 hidden_size=config.hypernetwork_hidden_size,
                 module_embedding_dim=config.module_embedding_dim,
                 pooling=config.pooling,
+                normalized_heads=config.normalized_heads,
             )
         # peft's contract: nothing is trainable in inference mode (also PeftModel.from_pretrained(is_trainable=False)).
         hypernetwork.requires_grad_(not config.inference_mode)
