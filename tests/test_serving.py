@@ -126,6 +126,26 @@ def test_instruction_projected_once_per_task_for_all_rows_batches_and_steps():
         assert cached[module].shape[:2] == (1, ins_len)
 
 
+def test_concatenated_states_built_once_per_generate_call():
+    model = tagi("bart")
+    batch = make_batch("bart")
+    seen = []
+    decoder = model.get_base_model().get_decoder()
+    # registered after the fusion hook, so it sees the fused inputs
+    handle = decoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True
+    )
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4, num_beams=2)
+        first = len(seen)
+        model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4, num_beams=2)
+    handle.remove()
+    assert first == 4 and len(seen) == 8
+    assert all(s is seen[0] for s in seen[:4]) and all(s is seen[4] for s in seen[4:]) and seen[4] is not seen[0]
+    assert model.base_model._fused_inputs is None  # freed when the call's task weights were removed
+
+
 @pytest.mark.parametrize("fusion", [False, True])
 def test_use_adapter_merge_restores_base_weights_exactly(fusion):
     model = tagi("t5", instruction_fusion=fusion)
