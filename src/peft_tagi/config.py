@@ -12,8 +12,8 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType, TaskType
 
 from .serialization import check_safetensors
 
-# The one table of per-architecture knowledge: which linear layers receive a generated LoRA by
-# default. Keys are `transformers` `config.model_type` values. To add a model family, add a row.
+# The tables of per-architecture knowledge. Keys are `transformers` `config.model_type` values; to add a model
+# family, add a row. This one: which linear layers receive a generated LoRA by default.
 TAGI_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
@@ -25,6 +25,17 @@ TAGI_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
+}
+
+# Encoder-decoder models: the names (suffixes of module paths) of the decoder's cross-attention key and value
+# projections. With instruction fusion, `TagiModel` projects each task's instruction states through them once and
+# shares the result with every row; a model family missing here still works, projecting the instruction per row.
+CROSS_ATTENTION_KV_MAPPING: dict[str, tuple[str, str]] = {
+    "t5": ("EncDecAttention.k", "EncDecAttention.v"),
+    "mt5": ("EncDecAttention.k", "EncDecAttention.v"),
+    "umt5": ("EncDecAttention.k", "EncDecAttention.v"),
+    "bart": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
+    "mbart": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
 }
 
 POOLING_CHOICES = ("mean", "attention")

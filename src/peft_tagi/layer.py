@@ -52,7 +52,7 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         self._task_A: torch.Tensor | None = None
         self._task_B: torch.Tensor | None = None
         self._row_index: torch.Tensor | None = None
-        self._merged_delta: torch.Tensor | None = None
+        self._weight_before_merge: torch.Tensor | None = None
 
     def set_task_weights(
         self, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, row_index: torch.Tensor | None = None
@@ -92,15 +92,16 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError("NaN or inf found while merging the task adapter; the generated weights are broken.")
         self._set_dense_weight(merged)
-        self._merged_delta = delta
+        # Unmerging puts this tensor back instead of subtracting ΔW: W + ΔW - ΔW is not bitwise W in floating point.
+        # For a float base weight it is the original tensor itself (no copy); for a quantized one, its dequantization.
+        self._weight_before_merge = weight
         self.merged_adapters = [self.active_adapter]
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        weight = self._get_dense_weight()
-        self._set_dense_weight(weight - self._merged_delta.to(weight.dtype))
-        self._merged_delta = None
+        self._set_dense_weight(self._weight_before_merge)
+        self._weight_before_merge = None
         self.merged_adapters = []
 
     # Merging reads and writes the base weight only through these two methods, so that a layer whose weight is
@@ -122,17 +123,32 @@ class TagiLinear(nn.Module, BaseTunerLayer):
         self.get_base_layer().weight.data = weight
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._forward(x, self._row_index, *args, **kwargs)
+
+    def forward_per_task(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on one input per installed task: x (T, ..., in_features), row t through task t's weights.
+
+        Used to project each task's instruction states once (see `TagiModel`'s shared instruction keys and values),
+        whatever the batch rows that will read them.
+        """
+        if self._row_index is None:
+            return self._forward(x, None)
+        if self._task_A is not None and x.shape[0] != self._task_A.shape[0]:
+            raise ValueError(f"forward_per_task got {x.shape[0]} rows for {self._task_A.shape[0]} installed tasks.")
+        return self._forward(x, torch.arange(x.shape[0], device=self._row_index.device))
+
+    def _forward(self, x: torch.Tensor, row_index: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged or self._task_A is None:
             return result
         lora_A, lora_B = self._task_A.to(x.dtype), self._task_B.to(x.dtype)
         x = self.lora_dropout(x)
-        if self._row_index is None:
+        if row_index is None:
             # One task for the whole batch: a plain low-rank matmul.
             delta = (x @ lora_A[0].T) @ lora_B[0].T
         else:
             n_rows = x.shape[0]
-            index = self._row_index
+            index = row_index
             if n_rows != index.shape[0]:
                 if n_rows % index.shape[0]:
                     raise ValueError(

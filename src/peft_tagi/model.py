@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from .adapter import TaskAdapter
 from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
-from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
+from .config import CROSS_ATTENTION_KV_MAPPING, TAGI_TARGET_MODULES_MAPPING, TagiConfig
 from .hypernetwork import TagiHypernetwork, TargetSpec
 from .layer import TagiLinear, dispatch_default
 
@@ -44,12 +44,17 @@ class TaskWeights:
     Produced by the hypernetwork (`task_weights_from_instructions`), a `TaskAdapter` or a bank of teacher LoRAs;
     applied with `TagiModel.apply_task_weights`. `states` (instruction fusion) is None when the decoder should not
     see an instruction.
+
+    `instruction_kv` caches, for every cross-attention key / value projection of the decoder, the projection of each
+    task's instruction states, (T, S, out_features): computed at the first decoder call without gradients under these
+    weights and reused by every row, batch and decoding step while they are applied.
     """
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
     row_index: torch.Tensor | None  # (batch,) or None for one task
     states: torch.Tensor | None  # (T, S, d) fusion states or None
     states_mask: torch.Tensor | None  # (T, S)
+    instruction_kv: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 class TagiModel(BaseTuner):
@@ -90,7 +95,13 @@ class TagiModel(BaseTuner):
         self._active: TaskWeights | None = None
         self._adapters_enabled = True
         self.last_task_weights: TaskWeights | None = None
-        self._fusion_handle = None
+        self._fusion_handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Task of every decoder row while the cross-attention projections add the shared instruction keys and
+        # values (set by `_fusion_pre_hook` at each decoder call; None when the decoder reads the concatenation).
+        self._fusion_rows: torch.Tensor | None = None
+        self._shares_instruction_kv = False
+        # (inputs, their concatenation with the instruction) of the last decoder call on the shared route.
+        self._fused_inputs: tuple | None = None
         self._layers: dict[str, TagiLinear] = {}
         self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
@@ -165,9 +176,19 @@ class TagiModel(BaseTuner):
         hypernetwork.requires_grad_(not config.inference_mode)
         self.tagi_hypernetwork = nn.ModuleDict({adapter_name: hypernetwork})
         if config.instruction_fusion:
-            self._fusion_handle = model.get_decoder().register_forward_pre_hook(
-                self._fusion_pre_hook, with_kwargs=True
-            )
+            decoder = model.get_decoder()
+            self._fusion_handles.append(decoder.register_forward_pre_hook(self._fusion_pre_hook, with_kwargs=True))
+            suffixes = tuple(f".{name}" for name in CROSS_ATTENTION_KV_MAPPING.get(model.config.model_type, ()))
+            projections = [module for name, module in decoder.named_modules() if name.endswith(suffixes)]
+            for module in projections:
+                self._fusion_handles.append(module.register_forward_pre_hook(self._input_part_pre_hook))
+                self._fusion_handles.append(module.register_forward_hook(self._instruction_kv_hook))
+            self._shares_instruction_kv = bool(projections)
+            if not projections:
+                logger.info(
+                    f"Instruction fusion on {type(model).__name__}: its cross-attention projections are not in "
+                    "CROSS_ATTENTION_KV_MAPPING, so every row projects its instruction states again (correct, slower)."
+                )
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -267,6 +288,8 @@ class TagiModel(BaseTuner):
 
     # ------------------------------------------------------------------ installing task weights
     def _install(self, active: TaskWeights | None) -> None:
+        self._fusion_rows = None
+        self._fused_inputs = None
         for name, layer in self._layers.items():
             if active is None:
                 layer.set_task_weights(None, None)
@@ -383,6 +406,22 @@ class TagiModel(BaseTuner):
                 self._install(previous)
 
     def _fusion_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Before each decoder call: the decoder attends to [instruction states ; encoder states] of each row's task.
+
+        The instruction part of the cross-attention keys and values takes one of two routes, with equal outputs:
+
+        - without gradients (generation, evaluation), when this model family's cross-attention projections are known
+          (`CROSS_ATTENTION_KV_MAPPING`): each projection sees only the input part of every row
+          (`_input_part_pre_hook`) and prepends the instruction part, projected once per task
+          (`_instruction_kv_hook`). Serving then pays for the instruction once per task, not once per row;
+        - with gradients, every row projects its concatenation, as the layers see it. Training generates new weights
+          at every step, so nothing could be reused across calls; and a cache filled inside a checkpointed layer's
+          forward would not be replayed in its recomputation during backward.
+
+        The concatenation of the states is built on both routes: the attention layers read their key length (and T5
+        its zero position bias) from it.
+        """
+        self._fusion_rows = None
         active = self._active
         encoder_states = kwargs.get("encoder_hidden_states")
         if active is None or active.states is None or not self._adapters_enabled or encoder_states is None:
@@ -393,15 +432,72 @@ class TagiModel(BaseTuner):
             index = torch.zeros(1, dtype=torch.long, device=encoder_states.device)
         if n_rows % index.shape[0]:
             raise ValueError(f"The decoder got {n_rows} rows for {index.shape[0]} instructions.")
+        # Beam search and num_return_sequences repeat each row consecutively.
         index = index.repeat_interleave(n_rows // index.shape[0])
-        states = active.states[index].to(encoder_states.dtype)
-        states_mask = active.states_mask[index]
         encoder_mask = kwargs.get("encoder_attention_mask")
-        if encoder_mask is None:
-            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
-        kwargs["encoder_hidden_states"] = torch.cat([states, encoder_states], dim=1)
-        kwargs["encoder_attention_mask"] = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
+        shared = self._shares_instruction_kv and not torch.is_grad_enabled()
+        # Every decoding step of a `generate` call passes the same encoder states and mask: on the shared route the
+        # concatenation is built at the first step and reused (at batch 100 and t5-small sizes, building it costs
+        # about as much as a decoding step). The key holds the inputs themselves, so their ids cannot be recycled.
+        key = (active, encoder_states, encoder_mask, encoder_states._version)
+        cached = self._fused_inputs
+        if (
+            shared
+            and cached is not None
+            and all(a is b for a, b in zip(cached[0][:3], key[:3]))
+            and cached[0][3] == key[3]
+        ):
+            fused_states, fused_mask = cached[1]
+        else:
+            if index.shape[0] > 1 and active.states.shape[0] == 1:
+                states, states_mask = active.states.expand(n_rows, -1, -1), active.states_mask.expand(n_rows, -1)
+            else:
+                states, states_mask = active.states[index], active.states_mask[index]
+            if encoder_mask is None:
+                encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
+            fused_states = torch.cat([states.to(encoder_states.dtype), encoder_states], dim=1)
+            fused_mask = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
+            self._fused_inputs = (key, (fused_states, fused_mask)) if shared else None
+        kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"] = fused_states, fused_mask
+        if shared:
+            self._fusion_rows = index
         return args, kwargs
+
+    def _input_part_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Before a cross-attention key / value projection: drop the instruction part, (N, S_ins + S_in, d) ->
+        (N, S_in, d) (a view), when `_instruction_kv_hook` will put it back projected."""
+        if self._fusion_rows is None:
+            return None
+        return (args[0][:, self._active.states.shape[1] :], *args[1:])
+
+    def _instruction_kv_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """After a cross-attention key / value projection of the input part (N, S_in, out): prepend the projected
+        instruction states of each row's task, giving what the projection of the concatenation gives,
+        (N, S_ins + S_in, out).
+
+        The instruction's projection is computed once per task and per projection and cached in the applied
+        `TaskWeights`; each row gets a view of its task's (`expand` for one task) and the concatenation copies it
+        next to the row's own part. A targeted projection (`TagiLinear`) applies task t's LoRA to task t's
+        instruction, as the projection of each row's concatenation does. Later decoding steps and beam search read
+        the keys and values from transformers' cross-attention cache and do not call the projection again.
+        """
+        rows = self._fusion_rows
+        if rows is None:
+            return None
+        if output.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"A cross-attention projection got {output.shape[0]} rows but the decoder call {rows.shape[0]}."
+            )
+        active = self._active
+        projected = active.instruction_kv.get(module)
+        if projected is None or projected.dtype != output.dtype or projected.device != output.device:
+            states = active.states.to(device=args[0].device, dtype=args[0].dtype)
+            # `forward`, not `__call__`: projecting the instruction must not run these hooks again.
+            project = module.forward_per_task if isinstance(module, TagiLinear) else module.forward
+            projected = project(states)
+            active.instruction_kv[module] = projected
+        shared = projected.expand(rows.shape[0], -1, -1) if projected.shape[0] == 1 else projected[rows]
+        return torch.cat([shared, output], dim=1)
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -489,12 +585,43 @@ class TagiModel(BaseTuner):
         return [TargetSpec(name, m.in_features, m.out_features) for name, m in self._layers.items()]
 
     @contextmanager
-    def use_adapter(self, adapter: TaskAdapter) -> Iterator[TaskAdapter]:
-        """Apply a cached `TaskAdapter` to every call inside the block; no instruction ids are needed there."""
+    def use_adapter(self, adapter: TaskAdapter, merge: bool = False) -> Iterator[TaskAdapter]:
+        """Apply a cached `TaskAdapter` to every call inside the block; no instruction ids are needed there.
+
+        Open the block once around many batches: with instruction fusion, each cross-attention layer projects the
+        task's instruction once for the whole block.
+
+        Args:
+            adapter (`TaskAdapter`): the task's adapter (from `generate_adapter` or `TaskAdapter.load`).
+            merge (`bool`): merge the LoRA into the base weights for the block, so that each targeted layer costs
+                what the base layer costs (single-task serving at the speed of the base model). On exit the base
+                weights are restored exactly (the original tensors are put back, nothing is subtracted). Quantized
+                (bitsandbytes) layers re-quantize on merge and on restore, so they round twice; leave `merge=False`
+                for them when exact outputs matter.
+        """
         if not isinstance(adapter, TaskAdapter):
             raise TypeError(f"use_adapter expects a TaskAdapter, got {type(adapter).__name__}.")
         with self.apply_task_weights(self.task_weights_from_adapter(adapter)):
-            yield adapter
+            if not merge:
+                yield adapter
+                return
+            if any(layer.merged for layer in self._layers.values()):
+                raise ValueError(
+                    "use_adapter(merge=True) found layers already merged: call unmerge_adapter() first, or use "
+                    "merge=False."
+                )
+            merged = []
+            try:
+                for layer in self._layers.values():
+                    layer.merge()
+                    merged.append(layer)
+                yield adapter
+            finally:
+                # After merge_and_unload() inside the block the layers are gone and the merge belongs to the caller.
+                current = set(map(id, self._layers.values()))
+                for layer in merged:
+                    if id(layer) in current:
+                        layer.unmerge()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete the TAGI adapter: every TAGI layer gives back its base layer and the hypernetwork is dropped.
@@ -531,9 +658,12 @@ class TagiModel(BaseTuner):
                     "adapter.",
                     stacklevel=3,
                 )
-        if self._fusion_handle is not None:
-            self._fusion_handle.remove()
-            self._fusion_handle = None
+        for handle in self._fusion_handles:
+            handle.remove()
+        self._fusion_handles = []
+        self._fusion_rows = None
+        self._shares_instruction_kv = False
+        self._fused_inputs = None
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
         for layer in self._layers.values():
             layer.set_task_weights(None, None)
