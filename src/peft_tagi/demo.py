@@ -6,6 +6,7 @@ base model's, warns about words the tokenizer does not know, and offers the adap
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import tempfile
@@ -82,7 +83,8 @@ def build_demo(
         request_dir = Path(tempfile.mkdtemp(dir=downloads))
         folder = adapter.save_lora(request_dir / _folder_name(instruction))
         archive = shutil.make_archive(str(folder), "zip", root_dir=request_dir, base_dir=folder.name)
-        notes = "\n\n".join(f"⚠️ {message}" for message in warnings) or "No unknown words."
+        # Escaped: Markdown passes HTML through, and "<unk>" would vanish as an unknown tag (with the words after it).
+        notes = "\n\n".join(f"⚠️ {html.escape(message, quote=False)}" for message in warnings) or "No unknown words."
         return "\n".join(tagi_outputs), "\n".join(base_outputs), notes, archive
 
     with gr.Blocks(title="peft-tagi: adapters from instructions", analytics_enabled=False) as demo:
