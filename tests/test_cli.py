@@ -184,8 +184,9 @@ def test_predict_files_stdin_and_saved_adapters_agree(quickstart_dir, tmp_path):
     inputs = ["cat dog sun", "red tree", "one two three", "fish bird"]
     jsonl = tmp_path / "inputs.jsonl"
     jsonl.write_text("".join(json.dumps({"input": x, "id": i}) + "\n" for i, x in enumerate(inputs)))
-    cli("predict", *model, "--instruction", "copy all the words", "--input-file", str(jsonl), "--batch-size", "3",
-        "--max-new-tokens", "3", "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    proc = cli("predict", *model, "--instruction", "copy all the words", "--input-file", str(jsonl), "--batch-size",
+               "3", "--max-new-tokens", "3", "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert "generating: 100%" in proc.stderr and "2/2" in proc.stderr  # two batches, with a progress bar
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [row["input"] for row in rows] == inputs
     assert {row["instruction"] for row in rows} == {"copy all the words"}

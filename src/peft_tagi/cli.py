@@ -441,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         "output per line",
     )
     predict.add_argument("--batch-size", type=int, default=16, help="inputs per generate call (default 16)")
-    predict.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    predict.add_argument(
+        "--max-new-tokens", type=int, default=32, help="most tokens generated per output (default 32)"
+    )
     predict.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     predict.set_defaults(func=cmd_predict)
 
@@ -490,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="base model: a Hub id or a local path (default: tagi-quickstart/work/base)")
     demo.add_argument("--tagi", help="TAGI checkpoint folder or Hub id (default: tagi-quickstart/work/tagi)")
     demo.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the first free one from 7860)")
-    demo.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    demo.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per output (default 32)")
     demo.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     demo.set_defaults(func=cmd_demo)
     return parser
