@@ -231,3 +231,26 @@ def test_predict_explains_missing_defaults_and_bad_input(tmp_path, quickstart_di
     proc = cli("predict", "--instruction", "reverse the words", "--input-file", str(bad), cwd=quickstart_dir,
                check=False)  # fmt: skip
     assert proc.returncode != 0 and 'line 1: a JSONL row needs a string field "input"' in proc.stderr
+
+
+def test_task_adapter_from_instruction_warns_and_equals_generate_adapter(caplog):
+    import torch
+    from conftest import randomize_hypernetwork
+    from peft import get_peft_model
+
+    from peft_tagi import TagiConfig, TaskAdapter
+
+    model = get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, instruction_fusion=True))
+    randomize_hypernetwork(model)
+    tokenizer = word_tokenizer()
+    adapter = TaskAdapter.from_instruction(model, tokenizer, "reverse the words in French", generator="ckpt")
+    assert "2 word(s) of the instruction are unknown" in caplog.text and "'in', 'French'" in caplog.text
+    assert adapter.instruction == "reverse the words in French" and adapter.generator == "ckpt"
+    ids = tokenizer(["reverse the words in French"], return_tensors="pt")
+    [expected] = model.generate_adapter(ids["input_ids"], ids["attention_mask"])
+    assert all(torch.equal(adapter.lora_B[name], expected.lora_B[name]) for name in expected.lora_B)
+    caplog.clear()
+    TaskAdapter.from_instruction(model, tokenizer, "reverse the words")
+    assert "unknown" not in caplog.text
+    with pytest.raises(ValueError, match="instruction is empty"):
+        TaskAdapter.from_instruction(model, tokenizer, "  ")
