@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -13,6 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# QuickstartConfig overrides (`--set`) for runs that only check the plumbing of the seed and ablation reports.
+TINY_QUICKSTART = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
+                   "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
+                   "oracle_steps=1", "batch_size=8"]  # fmt: skip
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -120,28 +125,113 @@ def test_interleaved_rotates_the_order_and_ratios_are_paired():
 
 def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    tiny = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
-            "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
-            "oracle_steps=1", "batch_size=8"]  # fmt: skip
+    tiny = TINY_QUICKSTART
     out = tmp_path / "ablation.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
-         "no_fusion", "per_task_teachers", "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+         "no_fusion", "per_task_teachers", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
+         "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["overrides"]["d_model"] == 32
-    assert [r["variant"] for r in report["results"]] == ["no_fusion", "per_task_teachers"]
+    assert [(r["variant"], r["seed"]) for r in report["results"]] == [
+        ("no_fusion", 0), ("no_fusion", 1), ("per_task_teachers", 0), ("per_task_teachers", 1)
+    ]  # fmt: skip
+    for name in ("no_fusion", "per_task_teachers"):
+        cell = report["summary"][name]["tagi"]["rougeL"]
+        seeds = [r["rows"]["tagi"]["rougeL"] for r in report["results"] if r["variant"] == name]
+        assert cell["per_seed"] == seeds and cell["mean"] == round(statistics.fmean(seeds), 2)
+        assert cell["std"] == round(statistics.stdev(seeds), 2)
     assert report["results"][0]["overrides"]["instruction_fusion"] is False
-    assert report["results"][1]["overrides"]["group_by"] == "task_name"
+    assert report["results"][2]["overrides"]["group_by"] == "task_name"
     for result in report["results"]:
         assert result["evaluated_on"] == "validation (training tasks left out)"
         assert set(result["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
         assert all(0 <= row["rougeL"] <= 100 for row in result["rows"].values())
     assert "per_task_teachers" in proc.stdout
+    assert "±" in proc.stdout
     unknown = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--variants", "no_such_variant"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
+
+
+def test_memory_model_predicts_a_measured_step_within_20_percent():
+    from bench.memory import VALIDATION_SHAPES, Workload, measure, predict
+
+    workload = Workload(batch_size=4, instruction_len=24, input_len=16, output_len=8, num_groups=6,
+                        unique_instructions=2, r=8, hypernetwork_hidden_size=32, module_embedding_dim=16)  # fmt: skip
+    config = VALIDATION_SHAPES["t5-small-ish"]()
+    for stage in ("teachers", "pretrain"):
+        measured = measure(config, workload, stage, "fp32", checkpointing=False)
+        predicted = predict(config, workload, stage, "fp32", checkpointing=False)
+        # the step's activations are a large part of the peak, so a wrong activation model cannot pass
+        assert measured["peak"] > 1.5 * measured["at_start"], (stage, measured)
+        assert abs(predicted["peak"] / measured["peak"] - 1) < 0.2, (stage, predicted, measured)
+
+
+def test_memory_cli_writes_its_table(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--models", "t5-base", "t5-11b", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rows = report["table"]
+    assert {(r["model"], r["stage"], r["dtype"], r["checkpointing"]) for r in rows} == {
+        (m, s, d, c) for m in ("t5-base", "t5-11b") for s in ("teachers", "pretrain", "distill")
+        for d in ("fp32", "bf16", "int8", "int4") for c in (False, True)
+    }  # fmt: skip
+    by_key = {(r["model"], r["stage"], r["dtype"], r["checkpointing"]): r for r in rows}
+    # t5-11b (v1.1 xxl) has ~11.3e9 parameters; counted exactly on the meta device
+    assert 11.0e9 < by_key[("t5-11b", "pretrain", "fp32", False)]["params"]["base"] < 11.6e9
+    for model in ("t5-base", "t5-11b"):
+        fp32, bf16 = by_key[(model, "distill", "fp32", False)], by_key[(model, "distill", "bf16", False)]
+        ckpt = by_key[(model, "distill", "bf16", True)]
+        assert bf16["peak_bytes"] < fp32["peak_bytes"] and ckpt["peak_bytes"] < bf16["peak_bytes"]
+        assert by_key[(model, "distill", "int4", True)]["peak_bytes"] < ckpt["peak_bytes"]
+    assert by_key[("t5-base", "pretrain", "bf16", True)]["fits"]["24GB"]
+    assert not by_key[("t5-11b", "distill", "fp32", False)]["fits"]["80GB"]
+    assert "t5-11b" in proc.stdout and "fits 24/40/80 GB" in proc.stdout
+
+
+def test_gpu_check_runs_on_cpu_tiny(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--steps", "2",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    distill = report["distill"]
+    assert report["dtype"] == "bf16" and report["checkpointing"] is True
+    assert distill["finite_losses"] and len(distill["measured"]["losses"]) == 2
+    assert 0.8 < distill["predicted_over_measured"] < 1.2, distill
+    assert _positive(report["inference"]["ratios"]["b/a tagi_vs_concat"]["value"])
+
+
+def test_quality_over_seeds_reports_mean_std_and_the_bar(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    tiny = TINY_QUICKSTART
+    out = tmp_path / "quality.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--fast", "--seeds", "0", "1", "--jobs", "2",
+         "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 1] and [r["seed"] for r in report["results"]] == [0, 1]
+    assert set(report["quality_bar"]["per_seed"]) == {"0", "1"}
+    for seed, bar in report["quality_bar"]["per_seed"].items():
+        rows = next(r["rows"] for r in report["results"] if str(r["seed"]) == seed)
+        assert bar["gain_over_base"] == round(rows["tagi"]["rougeL"] - rows["base"]["rougeL"], 2)
+    # A two-step tiny run learns nothing: the bar must be reported as not met, not passed by default.
+    assert report["quality_bar"]["met"] is False and "quality bar" in proc.stdout and "NOT met" in proc.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000

@@ -124,6 +124,9 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=600)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert results["config"]["seed"] == 3
+    swap = results["instruction_swap"]
+    assert {"given_instruction", "own_task"} == set(swap) and "instruction swap" in proc.stdout
+    assert set(results["training_tasks"]) == {"meta_teacher", "tagi"} and "training tasks" in proc.stdout
     assert set(results["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
     for row in results["rows"].values():
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)

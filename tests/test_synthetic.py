@@ -213,3 +213,19 @@ def test_build_word_tokenizer_unknown_and_duplicates():
     assert tok.decode(ids, skip_special_tokens=True) == "cat sun."
     with pytest.raises(ValueError):
         build_word_tokenizer(["two words"])
+
+
+def test_instruction_swap_examples_ask_for_the_given_task():
+    from peft_tagi.quickstart import instruction_swap_examples
+
+    suite = SyntheticSuite(seed=0)
+    tasks = suite.heldout_tasks()[:3]
+    examples = suite.examples(tasks, 2, split="eval", seed=1)
+    swapped = instruction_swap_examples(suite, examples)
+    assert len(swapped) == len(examples)
+    for original, row in zip(examples, swapped):
+        given = tasks[(tasks.index(suite.task(original["task_name"])) + 1) % len(tasks)]
+        assert row["given_task"] == given.name and row["input"] == original["input"]
+        assert row["instruction"] in given.instructions(train=False)
+        assert row["references"] == [given.apply(original["input"].split())]
+        assert row["own_references"] == original["references"]

@@ -20,6 +20,7 @@ from peft_tagi import TagiConfig, TagiDataCollator, TagiTrainer, TagiTrainingArg
 from peft_tagi.data.pretraining import pretraining_dataset, split_pretraining_text
 from peft_tagi.losses import bank_alignment_loss, delta_alignment_loss, kd_kl_loss, lowrank_delta_distance
 from peft_tagi.teachers import load_teachers
+from peft_tagi.trainer import tagi_model_of
 
 
 def tagi_t5(seed: int = 0, **config):
@@ -310,6 +311,20 @@ def test_a_non_finite_loss_term_stops_training_at_once_and_is_named(tmp_path, to
     )  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(FloatingPointError, match=r"step 1 \(stage 'distill'\): the loss term\(s\) kl=nan"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a NaN step reached the weights"
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_training(tmp_path, toy, teachers_dir):
+    model = tagi_t5()
+    head = tagi_model_of(model).hypernetwork.input_proj.weight
+    head.register_hook(lambda grad: grad * float("nan"))  # finite forward, NaN backward
+    trainer = TagiTrainer(
+        model=model, args=args_for(tmp_path, "distill", max_steps=3), train_dataset=toy,
+        processing_class=word_tokenizer(), teachers=teachers_dir,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"step 1 \(stage 'distill'\): the gradient norm is nan .*input_proj"):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a NaN step reached the weights"
 

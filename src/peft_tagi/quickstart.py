@@ -216,72 +216,127 @@ def _score(predictions: list[str], examples: list[dict], seconds: float) -> dict
     }  # fmt: skip
 
 
-def evaluate_rows(tagi_model, fresh_base, tokenizer, examples, teachers_dir, oracle_dir, work_dir) -> dict:
-    """Score the five report rows on held-out examples.
+def evaluate_rows(
+    tagi_model,
+    fresh_base,
+    tokenizer,
+    examples,
+    teachers_dir,
+    oracle_dir,
+    work_dir,
+    swapped: list[dict] | None = None,
+    training_examples: list[dict] | None = None,
+) -> dict:
+    """Score the five report rows on held-out examples, and the instruction-following and training-task checks.
 
     Every row serves the examples the same way, one task instruction at a time (all of its inputs in one batch), so
     the per-instance times compare like for like; TAGI's time includes generating the adapter once per instruction.
+
+    `swapped`: each held-out task's inputs under another held-out task's instruction, with `references` from the
+    given instruction and `own_references` from the inputs' own task; TAGI is scored against both
+    (`results["instruction_swap"]`). `training_examples`: examples of training tasks (training wordings), on which
+    the meta-train teacher and TAGI are scored (`results["training_tasks"]`) to show whether the model under-fits.
     """
     tagi = tagi_model.base_model
     with tagi_model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
         _generate(tagi_model, tokenizer, [e["input"] for e in examples[:8]])
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(e["instruction"], []).append(i)
 
-    def serve(prepare) -> dict:
-        """`prepare(instruction, rows)` -> (model, texts to generate from, context manager); scored per row."""
+    def predict(prepare, examples) -> tuple[list[str], float]:
+        """`prepare(instruction, rows, examples)` -> (model, texts, context manager): predictions, seconds/instance."""
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            groups.setdefault(e["instruction"], []).append(i)
         predictions = [""] * len(examples)
         elapsed = 0.0
         for instruction, rows in groups.items():
             start = time.perf_counter()
-            model, texts, context = prepare(instruction, rows)
+            model, texts, context = prepare(instruction, rows, examples)
             with context:
                 outputs, _ = _generate(model, tokenizer, texts)
             elapsed += time.perf_counter() - start
             for i, text in zip(rows, outputs):
                 predictions[i] = text
-        return _score(predictions, examples, elapsed / len(examples))
+        return predictions, elapsed / len(examples)
 
-    def inputs(rows):
-        return [examples[i]["input"] for i in rows]
+    def serve(prepare, on=examples) -> dict:
+        predictions, seconds = predict(prepare, on)
+        return _score(predictions, on, seconds)
 
-    results = {"base": serve(lambda ins, rows: (tagi_model, inputs(rows), tagi_model.disable_adapter()))}
+    def inputs(rows, on=examples):
+        return [on[i]["input"] for i in rows]
+
+    results = {"base": serve(lambda ins, rows, on: (tagi_model, inputs(rows, on), tagi_model.disable_adapter()))}
 
     meta, _, _ = load_teachers(teachers_dir)
     meta_weights = tagi.task_weights_from_adapter(meta, fusion=False)
-    results["meta_teacher"] = serve(
-        lambda ins, rows: (tagi_model, [f"{ins}\n{x}" for x in inputs(rows)], tagi.apply_task_weights(meta_weights))
-    )
+
+    def meta_row(instruction, rows, on):
+        texts = [f"{instruction}\n{x}" for x in inputs(rows, on)]
+        return tagi_model, texts, tagi.apply_task_weights(meta_weights)
+
+    results["meta_teacher"] = serve(meta_row)
 
     adapters = {}
 
-    def tagi_row(instruction, rows):
-        ids = tokenizer([instruction], return_tensors="pt").to(tagi_model.device)
-        [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
-        adapters[instruction] = adapter
-        return tagi_model, inputs(rows), tagi.use_adapter(adapter)
+    def tagi_row(instruction, rows, on):
+        if instruction not in adapters:
+            ids = tokenizer([instruction], return_tensors="pt").to(tagi_model.device)
+            [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
+            adapters[instruction] = adapter
+        return tagi_model, inputs(rows, on), tagi.use_adapter(adapters[instruction])
 
     results["tagi"] = serve(tagi_row)
+    held_out_adapters = dict(adapters)
+    if swapped:
+        predictions, seconds = predict(tagi_row, swapped)
+        own = [{**e, "references": e["own_references"]} for e in swapped]
+        results["instruction_swap"] = {
+            "given_instruction": _score(predictions, swapped, seconds),
+            "own_task": _score(predictions, own, seconds),
+        }
+    if training_examples:
+        results["training_tasks"] = {
+            "meta_teacher": serve(meta_row, training_examples),
+            "tagi": serve(tagi_row, training_examples),
+        }
 
     # The same adapters exported as standard LoRA folders and loaded by plain peft (fusion dropped); loading is not
     # timed, serving is.
     plain_models = {}
-    for n, (instruction, adapter) in enumerate(adapters.items()):
+    for n, (instruction, adapter) in enumerate(held_out_adapters.items()):
         folder = adapter.save_lora(work_dir / "exported" / f"task_{n}", overwrite=True)
         plain_models[instruction] = PeftModel.from_pretrained(fresh_base(), folder).eval()
-    results["tagi_plain_lora"] = serve(lambda ins, rows: (plain_models[ins], inputs(rows), contextlib.nullcontext()))
+    results["tagi_plain_lora"] = serve(
+        lambda ins, rows, on: (plain_models[ins], inputs(rows, on), contextlib.nullcontext())
+    )
 
     _, oracle_bank, _ = load_teachers(oracle_dir)
     oracle_weights = {task: tagi.task_weights_from_adapter(a, fusion=False) for task, a in oracle_bank.items()}
     results["oracle"] = serve(
-        lambda ins, rows: (
+        lambda ins, rows, on: (
             tagi_model,
-            inputs(rows),
-            tagi.apply_task_weights(oracle_weights[examples[rows[0]]["task_name"]]),
+            inputs(rows, on),
+            tagi.apply_task_weights(oracle_weights[on[rows[0]]["task_name"]]),
         )
     )
     return results
+
+
+def instruction_swap_examples(suite: SyntheticSuite, examples: list[dict]) -> list[dict]:
+    """Each task's examples under the next task's instruction (tasks in order of appearance, the last under the
+    first): `references` are what the given instruction asks for, `own_references` what the inputs' own task would
+    give. A model that follows its instruction scores high on the first and low on the second."""
+    tasks = list(dict.fromkeys(e["task_name"] for e in examples))
+    instruction_of = {e["task_name"]: e["instruction"] for e in reversed(examples)}  # each task's first wording
+    swapped = []
+    for e in examples:
+        given = tasks[(tasks.index(e["task_name"]) + 1) % len(tasks)]
+        answer = suite.task(given).apply(e["input"].split())
+        swapped.append(
+            {**e, "instruction": instruction_of[given], "given_task": given, "references": [answer],
+             "own_references": e["references"]}
+        )  # fmt: skip
+    return swapped
 
 
 def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = None, overwrite: bool = False) -> dict:
@@ -384,7 +439,22 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     lap("oracle task LoRAs")
 
     model.eval()
-    rows = evaluate_rows(model, fresh_base, tokenizer, heldout_eval, teachers_dir, oracle_dir, work)
+    rows = evaluate_rows(
+        model,
+        fresh_base,
+        tokenizer,
+        heldout_eval,
+        teachers_dir,
+        oracle_dir,
+        work,
+        swapped=instruction_swap_examples(suite, heldout_eval),
+        training_examples=suite.examples(
+            train_tasks[:: max(1, len(train_tasks) // len(eval_tasks))][: len(eval_tasks)],
+            config.eval_instances,
+            split="eval",
+            seed=config.seed + 1,
+        ),
+    )
     lap("evaluation")
 
     results = {
@@ -394,6 +464,8 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
         "num_train_tasks": len(train_tasks),
         "num_eval_examples": len(heldout_eval),
         "rows": {name: {"label": label, **rows[name]} for name, label in ROWS},
+        "instruction_swap": rows["instruction_swap"],
+        "training_tasks": rows["training_tasks"],
         "timings_s": timings,
         "base_pretraining_final_loss": sum(base_losses[-50:]) / max(1, len(base_losses[-50:])),
     }
@@ -406,6 +478,17 @@ def format_table(results: dict) -> str:
     for name, label in ROWS:
         row = results["rows"][name]
         lines.append(f"{label:<48} {row['rougeL']:>8.1f} {row['exact_match']:>7.1f} {row['ms_per_instance']:>8.2f}")
+    swap = results["instruction_swap"]
+    lines.append(
+        f"instruction swap (inputs of one task, another task's instruction): TAGI matches the given instruction at "
+        f"{swap['given_instruction']['rougeL']:.1f} ROUGE-L, the inputs' own task at {swap['own_task']['rougeL']:.1f}"
+    )
+    train = results["training_tasks"]
+    lines.append(
+        f"training tasks (training wordings, unseen inputs): teacher {train['meta_teacher']['rougeL']:.1f} ROUGE-L / "
+        f"{train['meta_teacher']['exact_match']:.1f} EM, TAGI {train['tagi']['rougeL']:.1f} / "
+        f"{train['tagi']['exact_match']:.1f}"
+    )
     return "\n".join(lines)
 
 

@@ -333,6 +333,21 @@ class TagiTrainer(Seq2SeqTrainer):
         tagi = tagi_model_of(model)
         return tagi.tagi_teachers[tagi.active_adapters[0]].clip_grad_norm_per_lora_(self.args.max_grad_norm)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if not math.isfinite(float(grad_norm)):
+            # A finite loss can still give NaN/inf gradients; the optimizer step would write them into every weight
+            # (clipping by a non-finite norm makes all gradients NaN).
+            broken = [
+                n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            raise FloatingPointError(
+                f"Training step {self.state.global_step + 1} (stage {self.args.stage!r}): the gradient norm is "
+                f"{float(grad_norm)} although every loss term was finite; non-finite gradients in {len(broken)} "
+                f"parameters, first {broken[:3]}. Lower the learning rate or resume from an earlier checkpoint."
+            )
+        return grad_norm
+
     def _teachers_loss(self, model, inputs):
         """Meta-train LoRA (instruction + input) and bank LoRAs (input only) in one forward pass of 2N rows."""
         tagi = tagi_model_of(model)

@@ -1,0 +1,140 @@
+"""The quickstart's quality over several seeds: mean ± std of every row, the per-seed rows, and the quality bar.
+
+    python bench/quality.py --seeds 0 1 2 --jobs 2 --threads 1 --out bench/results/quality.json
+
+Each seed is the whole `peft-tagi quickstart --seed N` (its own process; `--jobs` side by side, each with `--threads`
+torch threads: on 2 cores two one-thread jobs finish sooner in wall time than one two-thread job after another).
+Writes the JSON (summary, per-seed results, the quality bar per seed and on the mean) and a PNG with error bars next
+to it. A seed whose run stops (e.g. a diverged hypernetwork) is reported as failed, not dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.ablation import REPORT_ROWS, VARIANTS, _parse_value, aggregate, format_cell, run_jobs  # noqa: E402
+
+# The project's quality bar for the embedded default: TAGI well above the frozen base and close to its teacher.
+MIN_GAIN_OVER_BASE = 15.0  # ROUGE-L points
+MIN_FRACTION_OF_TEACHER = 0.8
+
+
+def quality_bar(rows: dict[str, float]) -> dict:
+    """rows: ROUGE-L of `base`, `meta_teacher`, `tagi` -> the two checks and whether both hold."""
+    gain = rows["tagi"] - rows["base"]
+    fraction = rows["tagi"] / rows["meta_teacher"] if rows["meta_teacher"] else 0.0
+    return {
+        "gain_over_base": round(gain, 2),
+        "fraction_of_teacher": round(fraction, 3),
+        "met": gain >= MIN_GAIN_OVER_BASE and fraction >= MIN_FRACTION_OF_TEACHER,
+    }
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_tagi.quickstart import ROWS
+
+    labels = dict(ROWS)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(REPORT_ROWS))
+    for offset, metric, name in ((-0.2, "rougeL", "ROUGE-L"), (0.2, "exact_match", "exact match")):
+        means = [summary[row][metric]["mean"] or 0.0 for row in REPORT_ROWS]
+        stds = [summary[row][metric]["std"] for row in REPORT_ROWS]
+        ax.bar([i + offset for i in x], means, width=0.4, yerr=stds, capsize=3, label=f"{name} (mean ± std)")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([textwrap.fill(labels[row], 24) for row in REPORT_ROWS], fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="quality.json")
+    parser.add_argument("--work-dir", default="quality-runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="QuickstartConfig overrides")
+    parser.add_argument("--validation", type=int, default=0, help="evaluate on N left-out training tasks instead")
+    parser.add_argument("--fast", action="store_true", help="smoke run of every seed")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    args = parser.parse_args()
+
+    overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    start = time.perf_counter()
+    runs = run_jobs(
+        {"quickstart": {**VARIANTS["quickstart"], **overrides}},
+        args.seeds,
+        args.fast,
+        args.validation,
+        args.work_dir,
+        args.jobs,
+        args.threads,
+    )
+    wall = round(time.perf_counter() - start, 1)
+    summary = aggregate(runs)["quickstart"]
+    per_seed_bar = {
+        r["seed"]: quality_bar({row: r["rows"][row]["rougeL"] for row in REPORT_ROWS}) for r in runs if "rows" in r
+    }
+    mean_bar = (
+        quality_bar({row: summary[row]["rougeL"]["mean"] or 0.0 for row in REPORT_ROWS}) if per_seed_bar else None
+    )
+    bar_holds = bool(per_seed_bar) and mean_bar["met"] and all(b["met"] for b in per_seed_bar.values())
+
+    evaluated_on = next((r["evaluated_on"] for r in runs if "evaluated_on" in r), "nothing (every run failed)")
+    print(f"quickstart over seeds {args.seeds} ({evaluated_on}); {wall:.0f} s wall, {args.jobs} jobs")
+    print(f"{'row':<20} {'ROUGE-L':>13} {'exact match':>13}   per-seed ROUGE-L")
+    for row in REPORT_ROWS:
+        cells = summary[row]
+        per_seed = ", ".join(f"{v:.1f}" for v in cells["rougeL"]["per_seed"])
+        print(f"{row:<20} {format_cell(cells['rougeL']):>13} {format_cell(cells['exact_match']):>13}   {per_seed}")
+    for seed, error in summary["failed"].items():
+        print(f"seed {seed} failed: {error}")
+    for seed, bar in per_seed_bar.items():
+        print(
+            f"seed {seed}: TAGI − base {bar['gain_over_base']:+.1f}, TAGI / teacher {bar['fraction_of_teacher']:.0%}"
+        )
+    if mean_bar:
+        print(
+            f"mean: TAGI − base {mean_bar['gain_over_base']:+.1f}, TAGI / teacher {mean_bar['fraction_of_teacher']:.0%}"
+        )
+    print(
+        f"quality bar (TAGI ≥ base + {MIN_GAIN_OVER_BASE:.0f} ROUGE-L and ≥ {MIN_FRACTION_OF_TEACHER:.0%} of the "
+        f"teacher, on the mean and on every seed): {'met' if bar_holds else 'NOT met'}"
+    )
+
+    out = Path(args.out)
+    report = {
+        "seeds": args.seeds,
+        "overrides": overrides,
+        "evaluated_on": evaluated_on,
+        "wall_seconds": wall,
+        "jobs": args.jobs,
+        "threads_per_job": args.threads,
+        "summary": summary,
+        "quality_bar": {"per_seed": per_seed_bar, "mean": mean_bar, "met": bar_holds},
+        "results": runs,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(summary, out.with_suffix(".png"), f"quickstart, {evaluated_on}, seeds {args.seeds}: mean ± std")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
