@@ -168,3 +168,29 @@ def toy_examples(n_per_task: int = 4, seed: int = 0) -> list[dict]:
                  "category": category, "choices": [], "references": [out]}
             )  # fmt: skip
     return rows
+
+
+def quickstart_like_folder(root: Path, fusion: bool = True) -> Path:
+    """`root/tagi-quickstart/work/{base,tagi}` as `peft-tagi quickstart` lays it out, with a tiny T5 and WORDS.
+
+    The base generates only words of WORDS (its generation config suppresses <pad>, </s>, <unk> and the ids the
+    tokenizer lacks), so every output has `max_new_tokens` words and a test can see it; the hypernetwork is randomised so that the adapter changes the outputs.
+    """
+    from peft import get_peft_model
+    from transformers import GenerationConfig
+
+    from peft_tagi import TagiConfig
+
+    work = root / "tagi-quickstart" / "work"
+    base = tiny_t5()
+    base.generation_config = GenerationConfig(
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        suppress_tokens=[0, 1, 2, *range(3 + len(set(WORDS)), VOCAB)],
+    )  # fmt: skip
+    base.save_pretrained(work / "base")
+    word_tokenizer().save_pretrained(work / "base")
+    config = TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, instruction_fusion=fusion)
+    model = get_peft_model(tiny_t5(), config)
+    randomize_hypernetwork(model, std=0.5)
+    model.save_pretrained(work / "tagi")
+    return root / "tagi-quickstart"

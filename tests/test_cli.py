@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_t5, word_tokenizer
+from conftest import quickstart_like_folder, tiny_t5, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "generate-adapter", "export", "evaluate", "quickstart"]
+SUBCOMMANDS = ["train", "generate-adapter", "predict", "export", "evaluate", "quickstart", "demo"]
 
 
-def cli(*args: str, timeout: int = 300, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, timeout: int = 300, check: bool = True, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, "-m", "peft_tagi.cli", *args],
@@ -25,6 +27,7 @@ def cli(*args: str, timeout: int = 300, check: bool = True, cwd: Path | None = N
         timeout=timeout,
         env=env,
         cwd=cwd,
+        input=stdin,
     )
     if check and proc.returncode != 0:
         pytest.fail(f"peft-tagi {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
@@ -154,3 +157,103 @@ def test_api_quickstart_example_runs_fast(tmp_path):
     assert "held-out ROUGE-L" in proc.stdout
     assert (tmp_path / "api" / "tagi" / "adapter_config.json").is_file()
     assert len((ROOT / "examples" / "quickstart.py").read_text().splitlines()) < 80
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> Path:
+    """A folder holding `tagi-quickstart/work/{base,tagi}` (a tiny T5), where the commands find their defaults."""
+    root = tmp_path_factory.mktemp("user")
+    quickstart_like_folder(root)
+    return root
+
+
+def test_predict_with_the_quickstart_defaults_and_unknown_words(quickstart_dir):
+    proc = cli("predict", "--instruction", "reverse the words in French", "--input", "cat dog sun",
+               "--input", "red tree", "--max-new-tokens", "4", cwd=quickstart_dir)  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(len(line.split()) == 4 for line in lines), proc.stdout
+    assert "2 word(s) of the instruction are unknown to the tokenizer" in proc.stderr
+    assert "'in', 'French'" in proc.stderr and "closed, word-level vocabulary" in proc.stderr
+    # Another instruction writes another adapter, hence other outputs on the same inputs.
+    other = cli("predict", "--instruction", "keep first two words", "--input", "cat dog sun", "--input", "red tree",
+                "--max-new-tokens", "4", cwd=quickstart_dir)  # fmt: skip
+    assert other.stdout != proc.stdout and "unknown" not in other.stderr
+
+
+def test_predict_files_stdin_and_saved_adapters_agree(quickstart_dir, tmp_path):
+    work = quickstart_dir / "tagi-quickstart" / "work"
+    model = ["--model", str(work / "base"), "--tagi", str(work / "tagi")]
+    inputs = ["cat dog sun", "red tree", "one two three", "fish bird"]
+    jsonl = tmp_path / "inputs.jsonl"
+    jsonl.write_text("".join(json.dumps({"input": x, "id": i}) + "\n" for i, x in enumerate(inputs)))
+    proc = cli("predict", *model, "--instruction", "copy all the words", "--input-file", str(jsonl), "--batch-size",
+               "3", "--max-new-tokens", "3", "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert "generating: 100%" in proc.stderr and "2/2" in proc.stderr  # two batches, with a progress bar
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["input"] for row in rows] == inputs
+    assert {row["instruction"] for row in rows} == {"copy all the words"}
+    assert all(len(row["output"].split()) == 3 for row in rows)
+
+    # The same task as a saved adapter, inputs from stdin one per line: the same outputs, fusion included.
+    cli("generate-adapter", "copy all the words", *model, "--out", str(tmp_path / "lora"))
+    proc = cli("predict", *model, "--adapter", str(tmp_path / "lora"), "--input-file", "-", "--max-new-tokens", "3",
+               stdin="\n".join(inputs) + "\n")  # fmt: skip
+    assert proc.stdout.splitlines() == [row["output"] for row in rows]
+
+    # Without its generator the folder runs as a plain PEFT LoRA, and says that this drops instruction fusion.
+    proc = cli("predict", "--model", str(work / "base"), "--adapter", str(tmp_path / "lora"), "--input", "cat dog",
+               "--max-new-tokens", "3")  # fmt: skip
+    assert len(proc.stdout.split()) == 3 and "drops fusion" in proc.stderr
+
+
+def test_generate_adapter_names_unknown_words_and_points_to_the_vocabulary(quickstart_dir, tmp_path):
+    proc = cli("generate-adapter", "Translate to French.", "--out", str(tmp_path / "lora"),
+               "--model", str(quickstart_dir / "tagi-quickstart/work/base"),
+               "--tagi", str(quickstart_dir / "tagi-quickstart/work/tagi"))  # fmt: skip
+    assert "'Translate', 'to', 'French'" in proc.stderr and "closed, word-level vocabulary" in proc.stderr
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_quickstart_show_vocabulary_lists_the_words_the_warning_points_to():
+    from peft_tagi.data.synthetic import SyntheticSuite, suite_tokenizer
+    from peft_tagi.tokenizer import unknown_words_message
+
+    out = cli("quickstart", "--show-vocabulary").stdout
+    words = out.splitlines()[-1].split()
+    assert words == SyntheticSuite().vocabulary() and "reverse" in words
+    message = unknown_words_message(suite_tokenizer(), "Translate to French.")
+    assert "'Translate', 'French'" in message and "`peft-tagi quickstart --show-vocabulary`" in message
+
+
+def test_predict_explains_missing_defaults_and_bad_input(tmp_path, quickstart_dir):
+    proc = cli("predict", "--instruction", "reverse the words", "--input", "cat", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "run `peft-tagi quickstart` first" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "cat dog"}\n')
+    proc = cli("predict", "--instruction", "reverse the words", "--input-file", str(bad), cwd=quickstart_dir,
+               check=False)  # fmt: skip
+    assert proc.returncode != 0 and 'line 1: a JSONL row needs a string field "input"' in proc.stderr
+
+
+def test_task_adapter_from_instruction_warns_and_equals_generate_adapter(caplog):
+    import torch
+    from conftest import randomize_hypernetwork
+    from peft import get_peft_model
+
+    from peft_tagi import TagiConfig, TaskAdapter
+
+    model = get_peft_model(tiny_t5(), TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, instruction_fusion=True))
+    randomize_hypernetwork(model)
+    tokenizer = word_tokenizer()
+    adapter = TaskAdapter.from_instruction(model, tokenizer, "reverse the words in French", generator="ckpt")
+    assert "2 word(s) of the instruction are unknown" in caplog.text and "'in', 'French'" in caplog.text
+    assert adapter.instruction == "reverse the words in French" and adapter.generator == "ckpt"
+    ids = tokenizer(["reverse the words in French"], return_tensors="pt")
+    [expected] = model.generate_adapter(ids["input_ids"], ids["attention_mask"])
+    assert all(torch.equal(adapter.lora_B[name], expected.lora_B[name]) for name in expected.lora_B)
+    caplog.clear()
+    TaskAdapter.from_instruction(model, tokenizer, "reverse the words")
+    assert "unknown" not in caplog.text
+    with pytest.raises(ValueError, match="instruction is empty"):
+        TaskAdapter.from_instruction(model, tokenizer, "  ")

@@ -251,6 +251,45 @@ def test_push_task_adapter_uploads_lora_folder_and_card(tmp_path, fusion):
     assert adapter.generator is None  # the pushed copy records the generator, the caller's adapter is unchanged
 
 
+@pytest.mark.parametrize("fusion", [True, False])
+def test_save_lora_writes_the_card_that_push_to_hub_uploads(tmp_path, fusion):
+    adapter = generated_adapter(tagi_model(fusion))
+    adapter.generator = "user/tagi-t5"
+    folder = adapter.save_lora(tmp_path / "reverse-lora", base_model_name_or_path=BASE_ID)
+    saved = (folder / "README.md").read_text()
+    metadata = card_metadata(saved)
+    assert_peft_card(metadata, "generated-adapter")
+    assert metadata["instruction"] == INSTRUCTION and metadata["generator"] == "user/tagi-t5"
+    assert "> Reverse the words of the sentence." in saved and ("drops fusion" in saved) is fusion
+    assert 'PeftModel.from_pretrained(base, "reverse-lora")' in saved
+    # The same card as push_to_hub's, but for the repo id in place of the folder name.
+    api = RecordingHfApi(tmp_path / "remote")
+    adapter.push_to_hub("user/reverse-lora", api=api, base_model_name_or_path=BASE_ID)
+    pushed = api.uploads[0]["readme"]
+    assert card_metadata(pushed) == metadata
+    assert pushed == saved.replace('"reverse-lora"', '"user/reverse-lora"').replace(
+        "# reverse-lora", "# user/reverse-lora"
+    )
+
+    # A README edited by hand is kept unless overwrite=True.
+    (folder / "README.md").write_text(saved + "\nMy notes on this adapter.\n")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        adapter.save_lora(folder, base_model_name_or_path=BASE_ID)
+    assert (folder / "README.md").read_text().endswith("My notes on this adapter.\n")
+    adapter.save_lora(folder, base_model_name_or_path=BASE_ID, overwrite=True)
+    assert (folder / "README.md").read_text() == saved
+
+
+def test_save_lora_card_with_a_local_base_model(tmp_path, caplog):
+    adapter = generated_adapter(tagi_model(fusion=False))
+    folder = adapter.save_lora(tmp_path / "lora", base_model_name_or_path=str(tmp_path / "my-base"))
+    metadata = card_metadata((folder / "README.md").read_text())
+    # A local path cannot go in the metadata (the Hub rejects it); the card still says it is a PEFT LoRA.
+    assert metadata["library_name"] == "peft" and "base_model" not in metadata
+    assert {"peft", "lora", "tagi"} <= set(metadata["tags"])
+    assert "is not a Hugging Face Hub id" in caplog.text
+
+
 def test_push_to_hub_method_resolves_namespace_and_can_skip_create(tmp_path):
     adapter = generated_adapter(tagi_model(fusion=False))
     adapter.base_model_name_or_path = BASE_ID

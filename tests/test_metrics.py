@@ -108,3 +108,50 @@ def test_choice_log_likelihoods_ignores_inf_at_masked_positions():
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="Expected logits"):
         choice_log_likelihoods(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_modules_give_the_numbers_of_the_functions():
+    import evaluate
+
+    from peft_tagi.metrics import rank_classification_metric, sni_metric
+
+    predictions = ["The cat sat.", "dog", "a red tree", "running fast", ""]
+    references = [["the cat sat"], ["Dog!", "a dog"], ["red trees"], ["they ran fast"], ["x"]]
+    tasks = ["t1", "t2", "t1", "t2", "t3"]
+    categories = ["c", "c", "d", "d", "d"]
+    metric = sni_metric()
+    assert isinstance(metric, evaluate.EvaluationModule)
+    expected = compute_sni_metrics(predictions, references, tasks, categories)
+    assert metric.compute(predictions=predictions, references=references, task_names=tasks,
+                          categories=categories) == expected  # fmt: skip
+    # accumulated in batches, and with one reference string per instance
+    for start in (0, 2, 4):
+        metric.add_batch(predictions=predictions[start : start + 2], references=references[start : start + 2])
+    assert metric.compute() == compute_sni_metrics(predictions, references)
+    single = [refs[0] for refs in references]
+    assert sni_metric().compute(predictions=predictions, references=single) == compute_sni_metrics(predictions, single)
+
+    # float64 features: a near-tie decided by 1e-12 ranks as in the plain function (float32 would round it away)
+    scores = [[-1.0, -1.0 + 1e-12], [0.5, 0.2, 0.9], [-3.0, -3.0]]
+    gold = [1, 2, 1]
+    result = rank_classification_metric().compute(predictions=scores, references=gold)
+    assert result == {"accuracy": rank_classification_accuracy(scores, gold)}
+    assert result["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_evaluate_modules_load_offline_in_a_fresh_process(tmp_path):
+    from conftest import run_python
+
+    # HF_HUB_OFFLINE=1 (set by run_python) and an empty HF cache: nothing can come from the Hub.
+    code = f"""
+import os
+os.environ["HF_HOME"] = {str(tmp_path / "hf")!r}
+import evaluate
+from peft_tagi.metrics import rank_classification_metric, sni_metric
+m = sni_metric()
+assert isinstance(m, evaluate.EvaluationModule), type(m)
+print(m.compute(predictions=["cat dog"], references=[["cat dog"]])["exact_match"],
+      rank_classification_metric().compute(predictions=[[0.1, 0.9]], references=[1])["accuracy"])
+"""
+    assert run_python(code).stdout.split() == ["100.0", "100.0"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("train", "generate-adapter", "export", "evaluate", "quickstart")
+logger = logging.getLogger("peft_tagi.cli")
+
+SUBCOMMANDS = ("train", "generate-adapter", "predict", "export", "evaluate", "quickstart", "demo")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -150,16 +153,138 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate_adapter(args) -> None:
+    from .adapter import TaskAdapter
+
     model, tokenizer = load_tagi(args.model, args.tagi)
-    enc = tokenizer([args.instruction], return_tensors="pt", truncation=True)
-    [adapter] = model.generate_adapter(enc["input_ids"], enc["attention_mask"], instructions=[args.instruction])
-    adapter.generator = args.tagi
-    adapter.base_model_name_or_path = args.model
+    adapter = TaskAdapter.from_instruction(
+        model, tokenizer, args.instruction, generator=args.tagi, base_model_name_or_path=args.model
+    )
     path = adapter.save_lora(args.out, base_model_name_or_path=args.model, overwrite=args.overwrite)
     print(f"LoRA adapter: {path}")
     if args.push_to:
         url = adapter.push_to_hub(args.push_to, generator=args.tagi, base_model_name_or_path=args.model)
         print(f"Pushed: {url}")
+
+
+def quickstart_paths(model: str | None, tagi: str | None, need_tagi: bool) -> tuple[str, str | None]:
+    """--model / --tagi, defaulting to the folders `peft-tagi quickstart` writes when --model is not given."""
+    from .predict import QUICKSTART_BASE, QUICKSTART_TAGI
+
+    if model is None:
+        model, tagi = str(QUICKSTART_BASE), tagi or str(QUICKSTART_TAGI)
+        missing = [path for path in (model, tagi) if not Path(path).is_dir()]
+        if missing:
+            raise SystemExit(
+                f"error: {missing[0]} not found. Without --model this command uses the quickstart's output in the "
+                "current folder: run `peft-tagi quickstart` first, or pass --model BASE --tagi CHECKPOINT."
+            )
+    if need_tagi and tagi is None:
+        raise SystemExit("error: --instruction needs a TAGI checkpoint: pass --tagi CHECKPOINT (or --adapter FOLDER).")
+    return model, tagi
+
+
+def cmd_predict(args) -> None:
+    from peft import PeftModel
+
+    from .adapter import TaskAdapter
+    from .predict import generate_outputs, load_adapter_folder, read_inputs
+    from .tokenizer import unknown_words_message
+
+    if (args.instruction is None) == (args.adapter is None):
+        raise SystemExit("error: pass exactly one of --instruction TEXT and --adapter FOLDER.")
+    if (args.input is None) == (args.input_file is None):
+        raise SystemExit("error: pass inputs with --input TEXT (repeatable) or --input-file FILE ('-' for stdin).")
+    try:
+        inputs = args.input if args.input is not None else read_inputs(args.input_file)
+        adapter = load_adapter_folder(args.adapter) if args.adapter else None
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if not inputs:
+        raise SystemExit(f"error: {args.input_file} holds no input.")
+    model_id, tagi_dir = quickstart_paths(args.model, args.tagi, need_tagi=adapter is None)
+
+    if tagi_dir is None:
+        # A LoRA folder without its generator: plain PEFT, as any user of the exported adapter would load it.
+        base, tokenizer = load_base(model_id)
+        model = PeftModel.from_pretrained(base, args.adapter)
+        if adapter.instruction_states is not None:
+            logger.warning(
+                "%s was generated with instruction fusion; without --tagi it runs as a plain LoRA, which drops "
+                "fusion. Pass --tagi CHECKPOINT (the generator) for full fidelity.",
+                args.adapter,
+            )
+        context = contextlib.nullcontext
+    else:
+        model, tokenizer = load_tagi(model_id, tagi_dir)
+        if adapter is None:
+            adapter = TaskAdapter.from_instruction(
+                model, tokenizer, args.instruction, generator=tagi_dir, base_model_name_or_path=model_id
+            )
+
+        def context():
+            return model.use_adapter(adapter)
+
+    model.eval()
+    message = unknown_words_message(tokenizer, "\n".join(inputs), what="inputs")
+    if message:
+        logger.warning(message)
+    outputs = generate_outputs(
+        model,
+        tokenizer,
+        inputs,
+        context=context,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )
+    if args.output and args.output.endswith(".jsonl"):
+        instruction = adapter.instruction if adapter is not None else None
+        rows = [{"instruction": instruction, "input": x, "output": y} for x, y in zip(inputs, outputs)]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        # One output per line: a newline inside an output would shift every later line.
+        text = "".join(" ".join(output.splitlines()) + "\n" for output in outputs)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        logger.info("Wrote %d outputs to %s", len(outputs), args.output)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_demo(args) -> None:
+    try:
+        from .demo import build_demo
+    except ImportError as err:
+        raise SystemExit(
+            f'error: the demo needs Gradio ({err}); install it with: pip install "peft-tagi[demo]"'
+        ) from err
+
+    model_id, tagi_dir = quickstart_paths(args.model, args.tagi, need_tagi=True)
+    model, tokenizer = load_tagi(model_id, tagi_dir)
+    model.eval()
+    app = build_demo(
+        model,
+        tokenizer,
+        model_id=model_id,
+        tagi_id=tagi_dir,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )
+    # 127.0.0.1 only: the page runs a model on whatever it is sent, so it is not exposed to the network.
+    app.launch(
+        server_name="127.0.0.1",
+        server_port=args.port,
+        share=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,  # server-side rendering needs Node.js; the plain page needs nothing beyond Python
+    )
+    print(f"peft-tagi demo running at http://127.0.0.1:{app.server_port} (Ctrl+C stops it)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
 
 
 def cmd_export(args) -> None:
@@ -182,7 +307,7 @@ def cmd_export(args) -> None:
 def cmd_evaluate(args) -> None:
     import torch
 
-    from .metrics import compute_sni_metrics
+    from .metrics import sni_metric
 
     model, tokenizer = load_tagi(args.model, args.tagi)
     model.eval()
@@ -201,7 +326,11 @@ def cmd_evaluate(args) -> None:
                 num_beams=args.num_beams,
             )
         predictions.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-    scores = compute_sni_metrics(predictions, [e["references"] for e in examples], [e["task_name"] for e in examples])
+    scores = sni_metric().compute(
+        predictions=predictions,
+        references=[e["references"] for e in examples],
+        task_names=[e["task_name"] for e in examples],
+    )
     print(f"ROUGE-L {scores['rougeL']:.2f}  exact match {scores['exact_match']:.2f}  ({len(examples)} examples)")
     for task, task_scores in sorted(scores["per_task"].items()):
         print(f"  {task:<50} ROUGE-L {task_scores['rougeL']:6.2f}  EM {task_scores['exact_match']:6.2f}")
@@ -212,6 +341,13 @@ def cmd_evaluate(args) -> None:
 def cmd_quickstart(args) -> None:
     from .quickstart import QuickstartConfig, format_table, run_quickstart
 
+    if args.show_vocabulary:
+        from .data.synthetic import SyntheticSuite
+
+        words = SyntheticSuite(seed=args.seed).vocabulary()
+        print(f"The quickstart's tokenizer knows these {len(words)} words and marks (any other word is unknown):")
+        print(" ".join(words))
+        return
     config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
     config.seed = args.seed
     results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
@@ -272,6 +408,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate_adapter)
 
+    predict = sub.add_parser(
+        "predict",
+        help="outputs of a task on your inputs, from its instruction (or a saved adapter)",
+        description="Generate the task's adapter from --instruction (or load --adapter) and write one output per "
+        "input, in input order. Without --model and --tagi it uses the quickstart's model in ./tagi-quickstart.",
+        epilog='example: peft-tagi predict --instruction "reverse the words" --input "cat dog sun" --input "red fox"',
+    )
+    predict.add_argument("--config", help="YAML or JSON file of options (flag names as keys); flags override it.")
+    predict.add_argument("--model", help="base model: a Hub id or a local path (default: tagi-quickstart/work/base)")
+    predict.add_argument(
+        "--tagi",
+        help="TAGI checkpoint folder or Hub id (default with the quickstart's model: tagi-quickstart/work/tagi)",
+    )
+    task = predict.add_mutually_exclusive_group()
+    task.add_argument("--instruction", help="the task instruction, in natural language")
+    task.add_argument(
+        "--adapter",
+        help="a LoRA folder (written by generate-adapter, or any PEFT LoRA) instead of --instruction; "
+        "without --tagi it runs as a plain PEFT LoRA",
+    )
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--input", action="append", help="one task input; repeat the flag for several")
+    source.add_argument(
+        "--input-file",
+        help="inputs, one per line, or JSONL with an 'input' field per row (.jsonl or lines starting with '{'); "
+        "'-' reads stdin",
+    )
+    predict.add_argument(
+        "--output",
+        help="write here instead of stdout: F.jsonl gives rows {instruction, input, output}; any other name, one "
+        "output per line",
+    )
+    predict.add_argument("--batch-size", type=int, default=16, help="inputs per generate call (default 16)")
+    predict.add_argument(
+        "--max-new-tokens", type=int, default=32, help="most tokens generated per output (default 32)"
+    )
+    predict.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    predict.set_defaults(func=cmd_predict)
+
     export = sub.add_parser("export", help="merge an exported task LoRA into the base model (standalone model)")
     common(export)
     export.add_argument("adapter", help="a LoRA folder written by generate-adapter")
@@ -298,7 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--seed", type=int, default=0, help="seed of the task split, the data and every initialisation (default 0)"
     )
+    quick.add_argument(
+        "--show-vocabulary",
+        action="store_true",
+        help="print the words the quickstart's closed-vocabulary tokenizer knows (instructions must use them) and exit",
+    )
     quick.set_defaults(func=cmd_quickstart)
+
+    demo = sub.add_parser(
+        "demo",
+        help="a local web page: type an instruction, compare the adapter's outputs with the base model's",
+        description="Start a Gradio page on http://127.0.0.1:PORT (this machine only): type an instruction and "
+        "inputs, see the generated adapter's outputs next to the frozen base model's, unknown-word warnings, and "
+        'download the adapter as a zipped LoRA folder. Needs: pip install "peft-tagi[demo]". Without --model and '
+        "--tagi it uses the quickstart's model in ./tagi-quickstart.",
+    )
+    demo.add_argument("--config", help="YAML or JSON file of options (flag names as keys); flags override it.")
+    demo.add_argument("--model", help="base model: a Hub id or a local path (default: tagi-quickstart/work/base)")
+    demo.add_argument("--tagi", help="TAGI checkpoint folder or Hub id (default: tagi-quickstart/work/tagi)")
+    demo.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the first free one from 7860)")
+    demo.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per output (default 32)")
+    demo.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

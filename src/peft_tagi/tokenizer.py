@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "</s>"
@@ -69,4 +72,78 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 512) -> P
     )
 
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "UNK_TOKEN", "build_word_tokenizer"]
+def unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The pieces of `text` that `tokenizer` maps to its unknown token, each once, in order of appearance.
+
+    A fast tokenizer reports the exact character span of every unknown token; a slow one is asked word by word
+    (whitespace-separated words whose tokens include the unknown id).
+    """
+    unk_id = tokenizer.unk_token_id
+    if unk_id is None or not text:
+        return []
+    if tokenizer.is_fast:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[start:end] for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"])
+                  if token == unk_id]  # fmt: skip
+    else:
+        pieces = [word for word in text.split() if unk_id in tokenizer(word, add_special_tokens=False)["input_ids"]]
+    return list(dict.fromkeys(piece for piece in pieces if piece))
+
+
+def has_closed_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True for a word-level tokenizer (such as the quickstart's): any word outside its vocabulary is unknown."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and isinstance(backend.model, models.WordLevel)
+
+
+def _is_quickstart_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
+    from .data.synthetic import SyntheticSuite
+
+    return {word.lower() for word in SyntheticSuite().vocabulary()} <= set(tokenizer.get_vocab())
+
+
+def unknown_words_message(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "instruction") -> str | None:
+    """A warning naming the words of `text` that become the unknown token, or None when there is none.
+
+    For a closed (word-level) vocabulary the message says so and where to read the vocabulary: with the
+    quickstart's embedded default, `peft-tagi quickstart --show-vocabulary`.
+    """
+    words = unknown_words(tokenizer, text)
+    if not words:
+        return None
+    quoted = ", ".join(repr(word) for word in words[:20]) + (f" (+{len(words) - 20} more)" if len(words) > 20 else "")
+    message = (
+        f"{len(words)} word(s) of the {what} are unknown to the tokenizer and read as {tokenizer.unk_token}: "
+        f"{quoted}. The model sees unknown tokens in their place, so the result is unreliable."
+    )
+    if has_closed_vocabulary(tokenizer):
+        where = (
+            "`peft-tagi quickstart --show-vocabulary` lists them (it is the quickstart's embedded default)"
+            if _is_quickstart_vocabulary(tokenizer)
+            else "`tokenizer.get_vocab()` lists them"
+        )
+        message += (
+            f" This tokenizer has a closed, word-level vocabulary of {len(tokenizer.get_vocab())} tokens: reword the "
+            f"{what} with words from it; {where}."
+        )
+    return message
+
+
+def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "instruction") -> str | None:
+    """Log `unknown_words_message` as a warning when `text` has unknown words; return the message (or None)."""
+    message = unknown_words_message(tokenizer, text, what)
+    if message:
+        logger.warning(message)
+    return message
+
+
+__all__ = [
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "UNK_TOKEN",
+    "build_word_tokenizer",
+    "has_closed_vocabulary",
+    "unknown_words",
+    "unknown_words_message",
+    "warn_unknown_words",
+]

@@ -484,7 +484,7 @@ class TagiTrainer(Seq2SeqTrainer):
 
     def _generation_metrics(self, eval_prediction) -> dict[str, float]:
         """SNI ROUGE-L and exact match (Tk-Instruct normalisation), mean and per task."""
-        from .metrics import compute_sni_metrics
+        from .metrics import sni_metric
 
         tokenizer = self.processing_class
         predictions = np.where(eval_prediction.predictions < 0, tokenizer.pad_token_id, eval_prediction.predictions)
@@ -497,7 +497,7 @@ class TagiTrainer(Seq2SeqTrainer):
             if "references" in dataset.column_names:
                 references = [list(r) for r in dataset["references"]]
             task_names = list(dataset["task_name"])
-        scores = compute_sni_metrics(texts, references, task_names)
+        scores = sni_metric().compute(predictions=texts, references=references, task_names=task_names)
         metrics = {"rougeL": scores["rougeL"], "exact_match": scores["exact_match"]}
         for task, task_scores in scores.get("per_task", {}).items():
             metrics[f"rougeL_{task}"] = task_scores["rougeL"]
