@@ -120,6 +120,15 @@ def run_python(
     return proc
 
 
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny T5 and the word tokenizer saved as a local model folder (what --model / --model_name_or_path take)."""
+    path = tmp_path_factory.mktemp("base") / "tiny-t5"
+    tiny_t5().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def clone():
     return copy.deepcopy

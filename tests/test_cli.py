@@ -48,15 +48,6 @@ def example(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedPr
     return proc
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny T5 and a word tokenizer saved as a local model folder (what --model takes)."""
-    path = tmp_path_factory.mktemp("base") / "tiny-t5"
-    tiny_t5().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_help_everywhere():
     assert "train" in cli("--help").stdout
     for name in SUBCOMMANDS:

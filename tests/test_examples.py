@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHARED_SNI, tiny_t5, word_tokenizer
+from conftest import SHARED_SNI
 
 ROOT = Path(__file__).resolve().parents[1]
 # Flags every run below shares: few steps, a checkpoint every 2 steps, and the two features big runs need.
@@ -34,15 +34,6 @@ def run_example(name: str, *args: str, check: bool = True) -> subprocess.Complet
     if check and proc.returncode != 0:
         pytest.fail(f"examples/{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny T5 and the word tokenizer saved as a local model folder (what --model_name_or_path takes)."""
-    path = tmp_path_factory.mktemp("base") / "tiny-t5"
-    tiny_t5().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
 
 
 def write_sni(root: Path) -> Path:

@@ -104,23 +104,12 @@ class TaskAdapter:
         any previous folder untouched. A non-empty existing folder (a README edited by hand included) is replaced
         only with `overwrite=True`.
         """
-        from .hub import render_card  # hub imports this module
+        from .hub import generated_lora_card  # hub imports this module
 
         path = Path(path)
         base = base_model_name_or_path or self.base_model_name_or_path
         # Rendered before anything is written: a card that cannot be rendered leaves no half-written folder.
-        card = render_card(
-            "generated_lora",
-            repo_id=path.name,
-            base_model=base,
-            instruction=self.instruction,
-            generator=self.generator,
-            task_type=self.task_type,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            target_modules=self.target_modules,
-            instruction_fusion=self.instruction_states is not None,
-        )
+        card = generated_lora_card(self, path.name, base)
 
         def write(tmp: Path) -> None:
             self.lora_config(base).save_pretrained(str(tmp))

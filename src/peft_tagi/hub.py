@@ -150,6 +150,23 @@ def _tags(kind: str, base_repo: str | None, extra: list[str] | None) -> list[str
     return tags
 
 
+def generated_lora_card(adapter, repo_id: str, base_model: str | None, metrics: dict | None = None) -> ModelCard:
+    """The model card of a generated LoRA (`TaskAdapter`), the same for `save_lora` and `push_to_hub`."""
+    return render_card(
+        "generated_lora",
+        repo_id=repo_id,
+        base_model=base_model,
+        instruction=adapter.instruction,
+        generator=adapter.generator,
+        task_type=adapter.task_type,
+        r=adapter.r,
+        lora_alpha=adapter.lora_alpha,
+        target_modules=adapter.target_modules,
+        instruction_fusion=adapter.instruction_states is not None,
+        metrics=metrics,
+    )
+
+
 def render_card(kind: str, **fields: Any) -> ModelCard:
     """Render a model card from the `hub_cards/` templates.
 
@@ -302,19 +319,7 @@ def push_task_adapter(
     api = _default_api(api, token)
 
     def render(repo: str) -> ModelCard:
-        return render_card(
-            "generated_lora",
-            repo_id=repo,
-            base_model=base,
-            instruction=adapter.instruction,
-            generator=generator,
-            task_type=adapter.task_type,
-            r=adapter.r,
-            lora_alpha=adapter.lora_alpha,
-            target_modules=adapter.target_modules,
-            instruction_fusion=adapter.instruction_states is not None,
-            metrics=metrics,
-        )
+        return generated_lora_card(adapter, repo, base, metrics=metrics)
 
     with tempfile.TemporaryDirectory(prefix="peft-tagi-push-") as tmp:
         folder = adapter.save_lora(Path(tmp) / "adapter", base_model_name_or_path=base)
