@@ -314,9 +314,11 @@ def test_merge_into_8bit_layer_with_float_weights_is_exact(saved_bases):
 
 # End to end, the merged model sits one re-quantization away from the unmerged adapter, as the quantized base sits
 # one quantization away from its float original. The logits tolerance is therefore a multiple of the latter,
-# measured on the same batch: QUANTIZATION_ERRORS × max|logits(quantized base) - logits(float base)|. Measured
-# ratios on these models: 0.8-2.4 for merging, 1.2-2.8 for merge-then-unmerge (two re-quantizations).
-QUANTIZATION_ERRORS = 4.0
+# measured on the same batch: QUANTIZATION_ERRORS × max|logits(quantized base) - logits(float base)|. Re-quantizing
+# W + ΔW rounds more coarsely than W where ΔW raises a row's maximum (GPT-2's fused c_attn most), so the measured
+# ratios reach 10 (merging: llama 1.2 / 2.3, gpt2 10.0 / 5.4 for 8-bit / 4-bit). The tolerance is also capped at
+# half the adapter's own effect on the logits, so a merge that dropped ΔW (error ≈ effect) can never pass.
+QUANTIZATION_ERRORS = 12.0
 
 
 def _quantization_error(saved_bases, family: str, mode: str, batch: dict) -> float:
@@ -331,10 +333,8 @@ def _merge_setup(saved_bases, family: str, mode: str):
         base_logits = _logits(model, batch)
     with model.use_adapter(adapter):
         adapter_logits = _logits(model, batch)
-    tolerance = QUANTIZATION_ERRORS * _quantization_error(saved_bases, family, mode, batch)
     effect = (adapter_logits - base_logits).abs().max().item()
-    # Otherwise a merge that dropped ΔW would pass.
-    assert tolerance < effect, f"adapter effect {effect} too small to test merging within {tolerance}"
+    tolerance = min(QUANTIZATION_ERRORS * _quantization_error(saved_bases, family, mode, batch), 0.5 * effect)
     return model, adapter, batch, base_logits, adapter_logits, tolerance
 
 

@@ -109,9 +109,13 @@ class TagiHypernetwork(nn.Module):
         """states: (T, S, d), mask: (T, S) -> {module name: (A (T, r, in), B (T, out, r))}.
 
         The states come in the base model's dtype (e.g. bfloat16) and are cast to the hypernetwork's (float32 unless
-        the whole model was cast), so the weights are generated at the hypernetwork's precision.
+        the whole model was cast), and autocast is off inside, so the weights are generated at the hypernetwork's
+        precision also under `bf16=True` training.
         """
-        states = states.to(self.input_proj.weight.dtype)
+        with torch.autocast(states.device.type, enabled=False):
+            return self._generate(states.to(self.input_proj.weight.dtype), mask)
+
+    def _generate(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         task = self.input_proj(self.input_norm(self.pool(states, mask)))  # (T, H)
         n_tasks, n_modules = task.shape[0], len(self.targets)
         emb = self.module_embedding.weight.to(task.dtype)  # (M, E)
