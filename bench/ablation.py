@@ -67,6 +67,10 @@ def _run(name: str, overrides: dict, fast: bool, validation: int, out_dir: str, 
         "seconds": round(time.perf_counter() - start, 1),
         "timings_s": results["timings_s"],
         "rows": {row: {k: results["rows"][row][k] for k in ("rougeL", "exact_match")} for row in REPORT_ROWS},
+        "instruction_swap": {k: v["rougeL"] for k, v in results["instruction_swap"].items()},
+        "training_tasks": {
+            k: {m: v[m] for m in ("rougeL", "exact_match")} for k, v in results["training_tasks"].items()
+        },
         "evaluated_on": results["evaluated_on"],
     }
 

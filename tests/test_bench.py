@@ -148,6 +148,7 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     assert report["results"][2]["overrides"]["group_by"] == "task_name"
     for result in report["results"]:
         assert result["evaluated_on"] == "validation (training tasks left out)"
+        assert set(result["instruction_swap"]) == {"given_instruction", "own_task"}
         assert set(result["rows"]) == {"base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle"}
         assert all(0 <= row["rougeL"] <= 100 for row in result["rows"].values())
     assert "per_task_teachers" in proc.stdout
