@@ -80,6 +80,14 @@ def _args(tmp_path, stage, **kw):
     )  # fmt: skip
 
 
+def _distill_trainer(model, tmp_path, mode: str, toy, tok, max_steps: int = 2, **extra) -> TagiTrainer:
+    """A distill-stage trainer on the teachers that tmp_path/teachers/teachers holds, writing to tmp_path/mode."""
+    args = _args(tmp_path / mode, "distill", **extra)
+    args.max_steps = max_steps
+    teachers = tmp_path / "teachers" / "teachers"
+    return TagiTrainer(model=model, args=args, train_dataset=toy, processing_class=tok, teachers=teachers)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_trainer_stages_with_gradient_checkpointing(tmp_path, toy, reentrant):
     kw = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -98,14 +106,7 @@ def test_trainer_stages_with_gradient_checkpointing(tmp_path, toy, reentrant):
     losses = {}
     for mode, extra in (("plain", {}), ("checkpointed", kw)):
         model = tagi("t5")
-        args = _args(tmp_path / mode, "distill", **extra)
-        trainer = TagiTrainer(
-            model=model,
-            args=args,
-            train_dataset=toy,
-            processing_class=tok,
-            teachers=tmp_path / "teachers" / "teachers",
-        )
+        trainer = _distill_trainer(model, tmp_path, mode, toy, tok, **extra)
         hyper = tagi_model_of(model).hypernetwork
         start = {n: p.detach().clone() for n, p in hyper.named_parameters()}
         trainer.train()
@@ -177,15 +178,7 @@ def test_bf16_distill_run_ends_close_to_the_float32_run(tmp_path, toy):
     final = {}
     for mode, extra in (("fp32", {}), ("bf16", {"bf16": True})):
         model = tagi("t5")
-        args = _args(tmp_path / mode, "distill", **extra)
-        args.max_steps = 6
-        trainer = TagiTrainer(
-            model=model,
-            args=args,
-            train_dataset=toy,
-            processing_class=tok,
-            teachers=tmp_path / "teachers" / "teachers",
-        )
+        trainer = _distill_trainer(model, tmp_path, mode, toy, tok, max_steps=6, **extra)
         trainer.train()
         final[mode] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # Six steps at lr 1e-2 under bf16 autocast (the base computes in bf16, the hypernetwork in fp32). Measured: the
