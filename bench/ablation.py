@@ -6,10 +6,15 @@
     python bench/ablation.py --seeds 0 1 2 --jobs 2 --threads 1  # every variant over three seeds: mean ± std
 
 Each variant is the full quickstart (`peft_tagi.quickstart.run_quickstart`) with one change, in its own process;
-`--jobs` runs several at once (each gets its share of the CPU threads). `--set key=value` changes the base config
+`--jobs` runs several at once (each gets its share of the CPU threads). The variants of a seed share its base model,
+teachers and oracle (`run_quickstart(reuse_from=...)`): the first variant of each seed trains them in
+`WORK_DIR/shared-seedN` (a finished folder there is reused as it is), every other variant loads them. So variants
+differ only in the stages they ablate (a paired comparison) and the shared stages are paid once per seed; a variant
+that changes a shared setting (e.g. `per_task_teachers`) trains its own. `--set key=value` changes the base config
 of every variant (e.g. `--set learning_rate=3e-3`); `--variants` picks variants by name; `--seeds` repeats every
 variant over seeds (the seed changes the task split's data, the initialisations and the data order), and the report
-gives each row's mean ± std over seeds (sample std) next to the per-seed figures.
+gives each row's mean ± std over seeds (sample std) next to the per-seed figures. A run whose folder already holds
+the results of the same settings is read back, not redone, so an interrupted ablation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 # The paper's full method (all three losses, fusion, hypernetwork pretraining), then one component removed. The
@@ -47,24 +52,79 @@ def _parse_value(text: str):
         return text
 
 
-def _run(name: str, overrides: dict, fast: bool, validation: int, out_dir: str, threads: int, seed: int) -> dict:
+def _config(overrides: dict, fast: bool, validation: int, seed: int):
+    from peft_tagi.quickstart import QuickstartConfig
+
+    config = QuickstartConfig.fast() if fast else QuickstartConfig()
+    return replace(config, validation_tasks=validation, seed=seed, **overrides)
+
+
+def _wait_for(folder: Path, poll_s: float = 5.0) -> bool:
+    """Wait until the run in `folder` has finished (True) or failed (False)."""
+    while True:
+        if (folder / "results.json").is_file():
+            return True
+        if (folder / "failed.txt").is_file():
+            return False
+        time.sleep(poll_s)
+
+
+def _finished(out: Path, config, reuse_from: str | None) -> dict | None:
+    """The results in `out` if it holds a finished run of exactly this config (an interrupted ablation resumes
+    without redoing them), else None."""
+    report = out / "results.json"
+    if not report.is_file():
+        return None
+    results = json.loads(report.read_text())
+    same_config = results["config"] == json.loads(json.dumps(asdict(config)))
+    if not same_config or results.get("reused_from") != (str(reuse_from) if reuse_from else None):
+        return None
+    return {**results, "seconds": round(sum(results["timings_s"].values()), 1), "resumed": True}
+
+
+def _run(
+    name: str,
+    overrides: dict,
+    fast: bool,
+    validation: int,
+    out_dir: str,
+    threads: int,
+    seed: int,
+    shared: str | None = None,
+    provides: bool = False,
+) -> dict:
+    """One (variant, seed) run. `shared`: the seed's shared-stage folder: with `provides`, this run trains every
+    stage there; without, it waits for that folder and reuses its shared stages. None: every stage in its own
+    folder."""
     import torch
 
     torch.set_num_threads(threads)
-    from peft_tagi.quickstart import QuickstartConfig, run_quickstart
+    from peft_tagi.quickstart import run_quickstart
 
-    config = QuickstartConfig.fast() if fast else QuickstartConfig()
-    config = replace(config, validation_tasks=validation, seed=seed, **overrides)
+    config = _config(overrides, fast, validation, seed)
+    out = Path(shared) if provides else Path(out_dir) / f"{name}-seed{seed}"
+    reuse_from = None
+    if shared is not None and not provides:
+        reuse_from = shared if _wait_for(Path(shared)) else None  # the provider failed: train our own
     start = time.perf_counter()
+    results = _finished(out, config, reuse_from)
     try:
-        results = run_quickstart(Path(out_dir) / f"{name}-seed{seed}", config, overwrite=True)
-    except (ValueError, FloatingPointError) as error:  # a diverged run is a result to report, not a crash
+        if results is None:
+            (out / "failed.txt").unlink(missing_ok=True)
+            results = run_quickstart(out, config, overwrite=True, reuse_from=reuse_from)
+    except BaseException as error:
+        # Runs waiting for this folder learn that it failed, whatever the reason.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failed.txt").write_text(f"{type(error).__name__}: {error}\n")
+        if not isinstance(error, (ValueError, FloatingPointError)):
+            raise
+        # A diverged run is a result to report, not a crash.
         return {"variant": name, "seed": seed, "overrides": overrides, "error": f"{type(error).__name__}: {error}"}
     return {
         "variant": name,
         "seed": seed,
         "overrides": overrides,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": results["seconds"] if "seconds" in results else round(time.perf_counter() - start, 1),
         "timings_s": results["timings_s"],
         "rows": {row: {k: results["rows"][row][k] for k in ("rougeL", "exact_match")} for row in REPORT_ROWS},
         "instruction_swap": {k: v["rougeL"] for k, v in results["instruction_swap"].items()},
@@ -72,21 +132,52 @@ def _run(name: str, overrides: dict, fast: bool, validation: int, out_dir: str, 
             k: {m: v[m] for m in ("rougeL", "exact_match")} for k, v in results["training_tasks"].items()
         },
         "evaluated_on": results["evaluated_on"],
+        "shared_stages_from": str(reuse_from or out),
+        "resumed": results.get("resumed", False),
+        **({"wording": results["wording"]} if "wording" in results else {}),
     }
 
 
 def run_jobs(
-    variants: dict[str, dict], seeds: list[int], fast: bool, validation: int, work_dir: str, jobs: int, threads: int
+    variants: dict[str, dict],
+    seeds: list[int],
+    fast: bool,
+    validation: int,
+    work_dir: str,
+    jobs: int,
+    threads: int,
+    share_stages: bool = True,
 ) -> list[dict]:
-    """Every (variant, seed) run of the quickstart, `jobs` processes side by side with `threads` torch threads each."""
+    """Every (variant, seed) run of the quickstart, `jobs` processes side by side with `threads` torch threads each.
+
+    Per seed, the runs whose shared-stage settings agree share `work_dir/shared-seedN` (see the module docstring).
+    Providers are queued first, so that a run waiting for its provider never holds back the provider itself.
+    `share_stages=False`: every run trains all of its stages in `work_dir/VARIANT-seedN`.
+    """
+    from peft_tagi.quickstart import SHARED_STAGE_FIELDS, _check_reusable
+
     threads = threads or max(1, (os.cpu_count() or 2) // jobs)
-    tasks = [
-        (name, overrides, fast, validation, work_dir, threads, seed)
-        for name, overrides in variants.items()
-        for seed in seeds
-    ]
+    first = next(iter(variants.values()))
+    providers, dependents = [], []
+    for seed in seeds:
+        shared = Path(work_dir) / f"shared-seed{seed}"
+        reference = _config(first, fast, validation, seed)
+        finished = share_stages and (shared / "results.json").is_file()
+        if finished:
+            _check_reusable(shared, reference)  # a stale folder from other settings: refuse before any run starts
+        for index, (name, overrides) in enumerate(variants.items()):
+            config = _config(overrides, fast, validation, seed)
+            if not share_stages or any(getattr(config, f) != getattr(reference, f) for f in SHARED_STAGE_FIELDS):
+                providers.append((name, overrides, fast, validation, work_dir, threads, seed, None, False))
+            elif index == 0 and (not finished or _finished(shared, config, None) is not None):
+                # Trains the shared stages there, or (finished) reads back its own results from there.
+                providers.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), True))
+            else:
+                dependents.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), False))
     with mp.get_context("spawn").Pool(jobs) as pool:
-        return pool.starmap(_run, tasks)
+        runs = pool.starmap(_run, providers + dependents, chunksize=1)
+    order = {(name, seed): i for i, (name, seed) in enumerate((n, s) for n in variants for s in seeds)}
+    return sorted(runs, key=lambda r: order[(r["variant"], r["seed"])])
 
 
 def aggregate(runs: list[dict]) -> dict[str, dict]:

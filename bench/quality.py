@@ -86,6 +86,7 @@ def main() -> None:
         args.work_dir,
         args.jobs,
         args.threads,
+        share_stages=False,  # one variant: nothing to share, and every seed's timings are a whole run's
     )
     wall = round(time.perf_counter() - start, 1)
     summary = aggregate(runs)["quickstart"]

@@ -129,7 +129,7 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     out = tmp_path / "ablation.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
-         "no_fusion", "per_task_teachers", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
+         "no_kl", "no_fusion", "per_task_teachers", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
          "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -137,15 +137,25 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     report = json.loads(out.read_text())
     assert report["overrides"]["d_model"] == 32
     assert [(r["variant"], r["seed"]) for r in report["results"]] == [
-        ("no_fusion", 0), ("no_fusion", 1), ("per_task_teachers", 0), ("per_task_teachers", 1)
+        ("no_kl", 0), ("no_kl", 1), ("no_fusion", 0), ("no_fusion", 1), ("per_task_teachers", 0),
+        ("per_task_teachers", 1)
     ]  # fmt: skip
-    for name in ("no_fusion", "per_task_teachers"):
+    # Per seed, no_kl trains the shared stages and no_fusion reuses them (the same base: the same base row);
+    # per_task_teachers changes the teachers, so it trains its own.
+    runs = {(r["variant"], r["seed"]): r for r in report["results"]}
+    for seed in (0, 1):
+        shared = str(tmp_path / "runs" / f"shared-seed{seed}")
+        assert runs["no_kl", seed]["shared_stages_from"] == runs["no_fusion", seed]["shared_stages_from"] == shared
+        assert runs["no_fusion", seed]["rows"]["base"] == runs["no_kl", seed]["rows"]["base"]
+        assert runs["per_task_teachers", seed]["shared_stages_from"] != shared
+        assert not (tmp_path / "runs" / f"no_fusion-seed{seed}" / "work" / "base").exists()
+    for name in ("no_kl", "no_fusion", "per_task_teachers"):
         cell = report["summary"][name]["tagi"]["rougeL"]
         seeds = [r["rows"]["tagi"]["rougeL"] for r in report["results"] if r["variant"] == name]
         assert cell["per_seed"] == seeds and cell["mean"] == round(statistics.fmean(seeds), 2)
         assert cell["std"] == round(statistics.stdev(seeds), 2)
-    assert report["results"][0]["overrides"]["instruction_fusion"] is False
-    assert report["results"][2]["overrides"]["group_by"] == "task_name"
+    assert runs["no_fusion", 0]["overrides"]["instruction_fusion"] is False
+    assert runs["per_task_teachers", 0]["overrides"]["group_by"] == "task_name"
     for result in report["results"]:
         assert result["evaluated_on"] == "validation (training tasks left out)"
         assert set(result["instruction_swap"]) == {"given_instruction", "own_task"}
@@ -153,6 +163,12 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
         assert all(0 <= row["rougeL"] <= 100 for row in result["rows"].values())
     assert "per_task_teachers" in proc.stdout
     assert "±" in proc.stdout
+    # The same command again reads every finished run back instead of redoing it.
+    again = subprocess.run(proc.args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    rerun = json.loads(out.read_text())["results"]
+    assert all(r["resumed"] for r in rerun) and not any(r["resumed"] for r in report["results"])
+    assert [r["rows"] for r in rerun] == [r["rows"] for r in report["results"]]
     unknown = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ablation.py"), "--variants", "no_such_variant"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,

@@ -123,6 +123,14 @@ def test_quickstart_fast_writes_the_report(tmp_path):
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)
     assert (tmp_path / "qs" / "results.png").stat().st_size > 1000
     assert "TAGI generated adapter (fusion)" in proc.stdout
+    # Held-out scores by evaluation-only paraphrase family, next to the same examples with training wordings.
+    wording = results["wording"]
+    assert [f.split(":")[0] for f in wording["families"]] == ["1", "2", "3"] and "wording" in proc.stdout
+    mean = sum(f["rougeL"] for f in wording["families"].values()) / 3
+    assert wording["families_mean"]["rougeL"] == pytest.approx(mean)
+    assert wording["fraction_of_training_wordings"] == pytest.approx(
+        mean / wording["training_wordings"]["rougeL"] if wording["training_wordings"]["rougeL"] else 0.0
+    )
     assert sum(results["timings_s"].values()) < 120
 
 
@@ -141,6 +149,18 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
     run_quickstart(tmp_path / "qs", dataclasses.replace(micro, seed=1), overwrite=True)
     assert (tmp_path / "qs" / "work" / "tagi" / "adapter_model.safetensors").read_bytes() != first
     assert json.loads((tmp_path / "qs" / "results.json").read_text())["config"]["seed"] == 1
+
+    # Another run may reuse the base model, teachers and oracle of a finished one, never across other settings.
+    variant = dataclasses.replace(micro, seed=1, lambda_kl=0.0, instruction_fusion=False)
+    results = run_quickstart(tmp_path / "variant", variant, reuse_from=tmp_path / "qs")
+    assert results["reused_from"] == str(tmp_path / "qs") and not (tmp_path / "variant" / "work" / "base").exists()
+    original = json.loads((tmp_path / "qs" / "results.json").read_text())
+    for row in ("base", "oracle"):  # the very same models
+        assert results["rows"][row]["rougeL"] == original["rows"][row]["rougeL"]
+    with pytest.raises(ValueError, match=r"other settings for \['seed'\]"):
+        run_quickstart(tmp_path / "other", micro, reuse_from=tmp_path / "qs")
+    with pytest.raises(FileNotFoundError, match="no finished quickstart"):
+        run_quickstart(tmp_path / "other", micro, reuse_from=tmp_path / "missing")
 
 
 def test_api_quickstart_example_runs_fast(tmp_path):

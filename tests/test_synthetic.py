@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from peft_tagi.data.synthetic import (
     EMPTY_OUTPUT,
+    EVAL_FAMILIES,
     KIND_OF,
     LEXICON,
     PARTNER_OF,
@@ -100,9 +101,18 @@ def test_paraphrases_and_eval_only_family(suite):
         rows = suite.examples(suite.train_tasks(), 4, split=split, seed=0)
         assert not {r["instruction"] for r in rows} & eval_only
     assert not {r["instruction"] for r in suite.examples(suite.heldout_tasks(), 4, "train")} & eval_only
-    # Held-out evaluation data uses it, and it introduces no word the training instructions lack.
-    assert {r["instruction"] for r in suite.examples(suite.heldout_tasks(), 4, "eval")} <= eval_only
+    # Held-out evaluation data uses the three families in turn, and they introduce no word the training
+    # instructions lack.
+    rows = suite.examples(suite.heldout_tasks(), 6, "eval")
+    assert {r["instruction"] for r in rows} <= eval_only
+    for task in suite.heldout_tasks():
+        families = task.instructions(train=False)
+        assert len(families) == len(EVAL_FAMILIES) == len(set(families)) == 3
+        assert [r["instruction"] for r in rows if r["task_name"] == task.name] == families * 2
     assert {w for text in eval_only for w in words_of(text)} <= train_words
+    # Each family has its own phrasing of every step, none of them a training phrasing.
+    for primitive in suite.primitives:
+        assert len(set(primitive.eval_phrasings)) == 3 and not set(primitive.eval_phrasings) & set(primitive.phrasings)
 
 
 def test_examples_format_determinism_and_vocabulary(suite):

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .config import TagiConfig
 from .data.pretraining import pretraining_dataset
-from .data.synthetic import LEXICON, SyntheticSuite, render_output, suite_tokenizer
+from .data.synthetic import CONNECTIVES, EVAL_FAMILIES, LEXICON, SyntheticSuite, render_output, suite_tokenizer
 from .metrics import compute_sni_metrics
 from .teachers import load_teachers
 from .trainer import TagiTrainer, TagiTrainingArguments
@@ -226,6 +226,8 @@ def evaluate_rows(
     work_dir,
     swapped: list[dict] | None = None,
     training_examples: list[dict] | None = None,
+    families: list[str] | None = None,
+    training_wordings: list[dict] | None = None,
 ) -> dict:
     """Score the five report rows on held-out examples, and the instruction-following and training-task checks.
 
@@ -236,6 +238,8 @@ def evaluate_rows(
     given instruction and `own_references` from the inputs' own task; TAGI is scored against both
     (`results["instruction_swap"]`). `training_examples`: examples of training tasks (training wordings), on which
     the meta-train teacher and TAGI are scored (`results["training_tasks"]`) to show whether the model under-fits.
+    `families`: the paraphrase family of each example, for TAGI's score per family (`results["wording"]`), next to
+    its score on `training_wordings` (the same examples with training wordings of their tasks).
     """
     tagi = tagi_model.base_model
     with tagi_model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
@@ -285,8 +289,11 @@ def evaluate_rows(
             adapters[instruction] = adapter
         return tagi_model, inputs(rows, on), tagi.use_adapter(adapters[instruction])
 
-    results["tagi"] = serve(tagi_row)
-    held_out_adapters = dict(adapters)
+    tagi_predictions, seconds = predict(tagi_row, examples)
+    results["tagi"] = _score(tagi_predictions, examples, seconds)
+    if families is not None and training_wordings is not None:
+        results["wording"] = wording_report(tagi_predictions, examples, families, serve(tagi_row, training_wordings))
+    held_out_adapters = {e["instruction"]: adapters[e["instruction"]] for e in examples}
     if swapped:
         predictions, seconds = predict(tagi_row, swapped)
         own = [{**e, "references": e["own_references"]} for e in swapped]
@@ -322,6 +329,39 @@ def evaluate_rows(
     return results
 
 
+def wording_report(predictions: list[str], examples: list[dict], families: list[str], training: dict) -> dict:
+    """TAGI's score per paraphrase family (`families[i]` is the family of `examples[i]`), their mean, and the
+    fraction of `training` (TAGI's score on the same examples with training wordings) that the mean reaches."""
+    per_family = {}
+    for family in dict.fromkeys(families):
+        rows = [i for i, f in enumerate(families) if f == family]
+        per_family[family] = _score([predictions[i] for i in rows], [examples[i] for i in rows], 0.0)
+    mean = {m: sum(s[m] for s in per_family.values()) / len(per_family) for m in ("rougeL", "exact_match")}
+    strip = ("rougeL", "exact_match")
+    return {
+        "families": {f: {m: s[m] for m in strip} for f, s in per_family.items()},
+        "families_mean": mean,
+        "training_wordings": {m: training[m] for m in strip},
+        "fraction_of_training_wordings": mean["rougeL"] / training["rougeL"] if training["rougeL"] else 0.0,
+    }
+
+
+def paraphrase_family(suite: SyntheticSuite, example: dict) -> str:
+    """The evaluation-only family of a held-out example's instruction, as "k: template" (k from 1)."""
+    k = suite.task(example["task_name"]).instructions(train=False).index(example["instruction"])
+    return f"{k + 1}: {EVAL_FAMILIES[k]}"
+
+
+def training_wording_examples(suite: SyntheticSuite, examples: list[dict]) -> list[dict]:
+    """The same examples, each under one of its task's canonical training wordings (in turn, as the evaluation-only
+    families are): the reference for how much the evaluation-only wordings cost."""
+    out = []
+    for i, e in enumerate(examples):
+        wordings = suite.task(e["task_name"]).instructions(train=True)[: len(CONNECTIVES)]  # as split="eval" has
+        out.append({**e, "instruction": wordings[i % len(wordings)]})
+    return out
+
+
 def instruction_swap_examples(suite: SyntheticSuite, examples: list[dict]) -> list[dict]:
     """Each task's examples under the next task's instruction (tasks in order of appearance, the last under the
     first): `references` are what the given instruction asks for, `own_references` what the inputs' own task would
@@ -339,12 +379,53 @@ def instruction_swap_examples(suite: SyntheticSuite, examples: list[dict]) -> li
     return swapped
 
 
-def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = None, overwrite: bool = False) -> dict:
-    """Run the whole pipeline; write `results.json` and `results.png` to `output_dir` and return the results."""
+# What the base pretraining, the teachers and the oracle read from the config: runs that agree on these (and differ
+# only in the hypernetwork's stages, e.g. ablation variants) can share those three stages (`reuse_from`).
+SHARED_STAGE_FIELDS = (
+    "seed", "d_model", "num_layers", "num_heads", "d_ff", "r", "lora_alpha", "target_modules", "train_instances",
+    "oracle_instances", "base_steps", "teacher_steps", "oracle_steps", "batch_size", "base_learning_rate",
+    "learning_rate", "validation_tasks", "group_by", "demonstrations",
+)  # fmt: skip
+
+
+def _check_reusable(folder: Path, config: QuickstartConfig) -> dict:
+    """The finished quickstart in `folder`, if its base model, teachers and oracle are what `config` would train."""
+    report = folder / "results.json"
+    if not report.is_file():
+        raise FileNotFoundError(f"reuse_from={str(folder)!r} holds no finished quickstart ({report} is missing).")
+    earlier = json.loads(report.read_text())
+    ours = asdict(config)
+    differ = [f for f in SHARED_STAGE_FIELDS if json.dumps(earlier["config"].get(f)) != json.dumps(ours[f])]
+    if differ:
+        raise ValueError(
+            f"reuse_from={str(folder)!r} was trained with other settings for {differ} "
+            f"({ {f: earlier['config'].get(f) for f in differ} } there, { {f: ours[f] for f in differ} } here): its "
+            "base model, teachers and oracle are not this run's. Train them (drop reuse_from) or match the settings."
+        )
+    return earlier
+
+
+def run_quickstart(
+    output_dir: str | Path,
+    config: QuickstartConfig | None = None,
+    overwrite: bool = False,
+    reuse_from: str | Path | None = None,
+) -> dict:
+    """Run the whole pipeline; write `results.json` and `results.png` to `output_dir` and return the results.
+
+    `reuse_from`: a finished quickstart folder whose base model, teachers and oracle LoRAs this run loads instead of
+    training them; its config must agree on `SHARED_STAGE_FIELDS` (else ValueError). Ablations use it so that their
+    variants differ only in the stage they ablate, and pay for the shared stages once per seed.
+    """
     config = config or QuickstartConfig()
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True (or --overwrite) to replace it.")
+    reused = _check_reusable(Path(reuse_from), config) if reuse_from is not None else None
+    if reused is not None and Path(reuse_from).resolve() == output_dir.resolve():
+        raise ValueError(
+            "reuse_from must be another folder than output_dir (this run would overwrite what it reuses)."
+        )
     work = output_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -360,15 +441,15 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
 
     suite = SyntheticSuite(seed=config.seed)
     tokenizer = suite_tokenizer(suite)
-    train_tasks, eval_tasks, eval_split = suite.train_tasks(), suite.heldout_tasks(), "eval"
+    train_tasks, eval_tasks = suite.train_tasks(), suite.heldout_tasks()
     if config.validation_tasks:
         # Every k-th training task, so that the validation tasks spread over the primitives.
         step = max(1, len(train_tasks) // config.validation_tasks)
         eval_tasks = train_tasks[::step][: config.validation_tasks]
         train_tasks = [t for t in train_tasks if t not in eval_tasks]
-        eval_split = "train"
     train_examples = suite.examples(train_tasks, config.train_instances, split="train", seed=config.seed)
-    heldout_eval = suite.examples(eval_tasks, config.eval_instances, split=eval_split, seed=config.seed + 1)
+    # "eval": held-out tasks in the evaluation-only wordings, validation tasks in their canonical training wordings.
+    heldout_eval = suite.examples(eval_tasks, config.eval_instances, split="eval", seed=config.seed + 1)
     # The oracle's own training instances: inputs from another stream than the evaluation examples.
     oracle_train = suite.examples(eval_tasks, config.oracle_instances, split="train", seed=config.seed + 2)
     n_texts = max(4 * config.batch_size, 20000 if config.base_steps > 100 else 256)
@@ -376,32 +457,39 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     base_texts = texts + (demonstration_texts(suite, n_texts, config.seed) if config.demonstrations else [])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = build_base_model(len(tokenizer), config).to(device)
-    base_losses = pretrain_base(base, tokenizer, base_texts, config)
-    base.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
+    shared = Path(reuse_from) / "work" if reused is not None else work
+    if reused is None:
+        base = build_base_model(len(tokenizer), config).to(device)
+        base_losses = pretrain_base(base, tokenizer, base_texts, config)
+        base.save_pretrained(work / "base")
+        tokenizer.save_pretrained(work / "base")
+        base_final_loss = sum(base_losses[-50:]) / max(1, len(base_losses[-50:]))
+    else:
+        base_final_loss = reused["base_pretraining_final_loss"]
     lap("base pretraining")
 
     def fresh_base():
-        return T5ForConditionalGeneration.from_pretrained(work / "base").to(device).eval()
+        return T5ForConditionalGeneration.from_pretrained(shared / "base").to(device).eval()
 
     tagi_config = TagiConfig(
         task_type="SEQ_2_SEQ_LM", r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
         instruction_fusion=config.instruction_fusion,
     )  # fmt: skip
+    # Seeded here, so that the hypernetwork's initialisation is the same whether the base was trained or reused.
+    torch.manual_seed(config.seed)
     model = get_peft_model(fresh_base(), tagi_config)
     train_ds = datasets.Dataset.from_list(train_examples)
 
-    trainer = TagiTrainer(
-        model=model,
-        args=_training_args(
-            work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
-        ),
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-    )  # fmt: skip
-    trainer.train()
-    teachers_dir = work / "teachers" / "teachers"
+    if reused is None:
+        TagiTrainer(
+            model=model,
+            args=_training_args(
+                work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
+            ),
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+        ).train()  # fmt: skip
+    teachers_dir = shared / "teachers" / "teachers"
     lap("teachers")
 
     pretrain_ds = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=config.seed)
@@ -427,15 +515,15 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
     model.save_pretrained(work / "tagi", overwrite=overwrite)
     lap("distillation")
 
-    oracle_model = get_peft_model(fresh_base(), tagi_config)
-    TagiTrainer(
-        model=oracle_model,
-        args=_training_args(
-            work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite
-        ),
-        train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
-    ).train()  # fmt: skip
-    oracle_dir = work / "oracle" / "teachers"
+    if reused is None:
+        TagiTrainer(
+            model=get_peft_model(fresh_base(), tagi_config),
+            args=_training_args(
+                work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite
+            ),
+            train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
+        ).train()  # fmt: skip
+    oracle_dir = shared / "oracle" / "teachers"
     lap("oracle task LoRAs")
 
     model.eval()
@@ -448,6 +536,8 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
         oracle_dir,
         work,
         swapped=instruction_swap_examples(suite, heldout_eval),
+        families=None if config.validation_tasks else [paraphrase_family(suite, e) for e in heldout_eval],
+        training_wordings=None if config.validation_tasks else training_wording_examples(suite, heldout_eval),
         training_examples=suite.examples(
             train_tasks[:: max(1, len(train_tasks) // len(eval_tasks))][: len(eval_tasks)],
             config.eval_instances,
@@ -466,8 +556,10 @@ def run_quickstart(output_dir: str | Path, config: QuickstartConfig | None = Non
         "rows": {name: {"label": label, **rows[name]} for name, label in ROWS},
         "instruction_swap": rows["instruction_swap"],
         "training_tasks": rows["training_tasks"],
+        **({"wording": rows["wording"]} if "wording" in rows else {}),
         "timings_s": timings,
-        "base_pretraining_final_loss": sum(base_losses[-50:]) / max(1, len(base_losses[-50:])),
+        "base_pretraining_final_loss": base_final_loss,
+        **({"reused_from": str(reuse_from)} if reused is not None else {}),
     }
     _write_report(output_dir, results)
     return results
@@ -489,6 +581,14 @@ def format_table(results: dict) -> str:
         f"{train['meta_teacher']['exact_match']:.1f} EM, TAGI {train['tagi']['rougeL']:.1f} / "
         f"{train['tagi']['exact_match']:.1f}"
     )
+    if "wording" in results:
+        wording = results["wording"]
+        families = ", ".join(f"{f.split(':')[0]}: {s['rougeL']:.1f}" for f, s in wording["families"].items())
+        lines.append(
+            f"wording (TAGI, held-out tasks): evaluation-only families {families} (mean "
+            f"{wording['families_mean']['rougeL']:.1f}); training wordings {wording['training_wordings']['rougeL']:.1f} "
+            f"ROUGE-L ({100 * wording['fraction_of_training_wordings']:.0f} %)"
+        )
     return "\n".join(lines)
 
 

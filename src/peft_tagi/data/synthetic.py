@@ -9,9 +9,10 @@ to a task never trained on? Hence:
 
 - Held-out tasks are *unseen combinations of seen skills*: both primitives of every held-out task appear in training
   tasks, as first step and as second step wherever the primitive can take that position (checked on construction).
-- One paraphrase family is evaluation-only: its instructions are never given for training tasks or in training
-  examples, so a held-out score also measures robustness to new wording. It introduces no new word (it recombines
-  words of the training phrasings), because a word-level model cannot know a word it never saw.
+- Three paraphrase families are evaluation-only (`EVAL_FAMILIES`: each its own sentence structure and its own
+  phrasing of every step): their instructions are never given for training tasks or in training examples, so a
+  held-out score also measures robustness to new wording, family by family. They introduce no new word (they
+  recombine words of the training instructions), because a word-level model cannot know a word it never saw.
 - The vocabulary is closed (`SyntheticSuite.vocabulary`), so a word-level tokenizer (`suite_tokenizer`) covers every
   text without `<unk>`, and a small T5 trained from scratch learns fast (see DESIGN.md, "The embedded default").
 - Everything is deterministic for a seed: the split depends only on the suite seed (never on how many instances
@@ -82,8 +83,9 @@ class Primitive:
         name: identifier used in task names ("reverse", "first_two", ...).
         fn: the operation, list of words -> list of words (may be empty; rendered as "none").
         phrasings: training phrasings (imperative verb phrases, lowercase, no final punctuation).
-        eval_phrasing: the phrasing of the evaluation-only paraphrase family; made of words that appear in the
-            training phrasings or connectives, so a word-level model has seen every one of them.
+        eval_phrasings: one phrasing per evaluation-only family (`EVAL_FAMILIES`, same order), none of them a
+            training phrasing; made of words that appear in the training instructions, so a word-level model has
+            seen every one of them.
         terminal: the result is not a list of lexicon words (e.g. a count), so nothing may follow this step.
         needs_lexicon: the step is only defined on lexicon words (it may not follow a step that leaves the lexicon).
         leaves_lexicon: the result holds words outside the lexicon (kind names).
@@ -92,7 +94,7 @@ class Primitive:
     name: str
     fn: Callable[[list[str]], list[str]] = field(repr=False, compare=False)
     phrasings: tuple[str, ...]
-    eval_phrasing: str
+    eval_phrasings: tuple[str, str, str]
     terminal: bool = False
     needs_lexicon: bool = False
     leaves_lexicon: bool = False
@@ -109,31 +111,31 @@ PRIMITIVES: tuple[Primitive, ...] = (
         "reverse",
         lambda w: w[::-1],
         ("reverse the order of the words", "reverse the words", "write the words in reverse order"),
-        "put the words in reverse order",
+        ("put the words in reverse order", "write the list in reverse order", "reverse the order of the list"),
     ),
     Primitive(
         "first_two",
         lambda w: w[:2],
         ("keep only the first two words", "keep the first two words", "take the first two words"),
-        "only keep the first two words",
+        ("only keep the first two words", "take only the first two words", "keep the two words at the start"),
     ),
     Primitive(
         "last_two",
         lambda w: w[-2:],
         ("keep only the last two words", "keep the last two words", "take the last two words"),
-        "only keep the last two words",
+        ("only keep the last two words", "take only the last two words", "keep the two words at the end"),
     ),
     Primitive(
         "drop_first",
         lambda w: w[1:],
         ("remove the first word", "drop the first word", "delete the first word"),
-        "remove the word at the start",
+        ("remove the word at the start", "drop the word at the start", "delete the first word of the list"),
     ),
     Primitive(
         "drop_last",
         lambda w: w[:-1],
         ("remove the last word", "drop the last word", "delete the last word"),
-        "remove the word at the end",
+        ("remove the word at the end", "drop the word at the end", "delete the last word of the list"),
     ),
     Primitive(
         "swap_ends",
@@ -143,19 +145,27 @@ PRIMITIVES: tuple[Primitive, ...] = (
             "exchange the first word and the last word",
             "switch the first and last words",
         ),
-        "swap the first word and the last word",
+        (
+            "swap the first word and the last word",
+            "exchange the first and the last word",
+            "switch the word at the start and the word at the end",
+        ),
     ),
     Primitive(
         "rotate",
         lambda w: w[1:] + w[:1],
         ("move the first word to the end", "put the first word at the end", "move the word at the start to the end"),
-        "put the first word at the end of the list",
+        (
+            "put the first word at the end of the list",
+            "move the first word to the end of the list",
+            "move the word at the start to the end of the list",
+        ),
     ),
     Primitive(
         "double",
         lambda w: [x for x in w for _ in range(2)],
         ("write every word twice", "repeat each word twice", "say each word two times"),
-        "write each word two times",
+        ("write each word two times", "repeat every word two times", "say every word twice"),
     ),
     Primitive(
         "partner",
@@ -165,14 +175,14 @@ PRIMITIVES: tuple[Primitive, ...] = (
             "swap each word for its partner",
             "change every word into its partner",
         ),
-        "replace each word with its partner",
+        ("replace each word with its partner", "change each word into its partner", "write the partner of every word"),
         needs_lexicon=True,
     ),
     Primitive(
         "kind",
         lambda w: [KIND_OF[x] for x in w],
         ("replace every word with its kind", "change each word into its kind", "write the kind of every word"),
-        "write the kind of each word",
+        ("write the kind of each word", "replace each word with its kind", "say the kind of every word"),
         needs_lexicon=True,
         leaves_lexicon=True,
     ),
@@ -184,14 +194,18 @@ PRIMITIVES: tuple[Primitive, ...] = (
             "remove every word that is not an animal",
             "keep the animals and drop the other words",
         ),
-        "only keep the animals",
+        (
+            "only keep the animals",
+            "drop every word that is not an animal",
+            "remove the other words and keep the animals",
+        ),
         needs_lexicon=True,
     ),
     Primitive(
         "count",
         _count,
         ("count the words", "say how many words there are", "write the number of words"),
-        "count how many words there are",
+        ("count how many words there are", "say the number of words", "write how many words there are"),
         terminal=True,
     ),
 )
@@ -203,7 +217,14 @@ CONNECTIVES: tuple[str, ...] = (
     "{A}, and then {b}.",
     "Take the list of words, {a}, and after that {b}.",
 )
-EVAL_CONNECTIVE = "First {a}. After that, {b}."
+# The evaluation-only families: family k joins the steps' `eval_phrasings[k]` with `EVAL_FAMILIES[k]`. Each has a
+# structure no training connective has (two sentences; a lead-in sentence and "then"; three bare sentences), still
+# in execution order.
+EVAL_FAMILIES: tuple[str, ...] = (
+    "First {a}. After that, {b}.",
+    "Take the words and {a}. Then {b}.",
+    "Take the list of words. {A}. {B}.",
+)
 
 # Plain-text sentences about the lexicon, for pretraining the small base model and the hypernetwork on text.
 _FACT_TEMPLATES: tuple[str, ...] = (
@@ -223,7 +244,7 @@ def _with_article(noun: str) -> str:
 
 
 def _connect(template: str, a: str, b: str) -> str:
-    return template.format(a=a, b=b, A=_capitalise(a))
+    return template.format(a=a, b=b, A=_capitalise(a), B=_capitalise(b))
 
 
 def render_output(words: Sequence[str]) -> str:
@@ -255,8 +276,8 @@ class SyntheticTask:
 
         Args:
             train: True for the training paraphrases (every training connective with every training phrasing of
-                each step; the first entry is the canonical one); False for the evaluation-only family, which only
-                held-out tasks have.
+                each step; the first entry is the canonical one); False for the evaluation-only families, which
+                only held-out tasks have: one instruction per family, in the order of `EVAL_FAMILIES`.
         """
         first, second = self.steps
         if not train:
@@ -265,7 +286,10 @@ class SyntheticTask:
                     f"Task {self.name!r} is a training task: the evaluation-only paraphrases are reserved for "
                     "held-out tasks so that they never reach training."
                 )
-            return [_connect(EVAL_CONNECTIVE, first.eval_phrasing, second.eval_phrasing)]
+            return [
+                _connect(template, a, b)
+                for template, a, b in zip(EVAL_FAMILIES, first.eval_phrasings, second.eval_phrasings, strict=True)
+            ]
         # Aligned families first (connective i with phrasing i of both steps), then every mixed combination.
         aligned = [
             _connect(template, first.phrasings[i % len(first.phrasings)], second.phrasings[i % len(second.phrasings)])
@@ -464,9 +488,12 @@ class SyntheticSuite:
         Args:
             tasks: tasks of this suite (e.g. `train_tasks()` or `heldout_tasks()`).
             num_instances: examples per task; distinct inputs within a task (3 to 7 distinct lexicon words).
-            split: "train" gives every example a training paraphrase. "eval" gives examples of held-out tasks an
-                evaluation-only paraphrase; training tasks keep their training paraphrases (the evaluation-only
-                family never reaches them), with inputs drawn from a different stream than the "train" split.
+            split: "train" gives every example a training paraphrase, drawn at random. "eval" gives examples of
+                held-out tasks the evaluation-only families in turn (example i of a task: family i mod 3, so each
+                family gets a third of the examples); training tasks keep training paraphrases (the evaluation-only
+                families never reach them), their canonical ones in turn (one per connective), with inputs drawn
+                from a different stream than the "train" split. Three wordings per task keep evaluation fast: each
+                wording is one generated adapter.
             seed: example seed; the same (suite seed, seed, split, task) always gives the same examples, whatever
                 the other tasks or `num_instances` of a call (a smaller call gives a prefix of a larger one).
 
@@ -480,7 +507,13 @@ class SyntheticSuite:
             raise ValueError(f"num_instances must be >= 0, got {num_instances}.")
         out: list[dict] = []
         for task in tasks:
-            instructions = task.instructions(train=split == "train" or not task.heldout)
+            rotate = split == "eval"
+            if not rotate:
+                instructions = task.instructions(train=True)
+            elif task.heldout:
+                instructions = task.instructions(train=False)
+            else:
+                instructions = task.instructions(train=True)[: len(CONNECTIVES)]
             # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and platforms.
             rng = random.Random(f"synthetic-examples-{self.seed}-{seed}-{split}-{task.name}")
             seen: set[tuple[str, ...]] = set()
@@ -489,6 +522,8 @@ class SyntheticSuite:
                 instruction = rng.choice(instructions)
                 if words in seen:
                     continue
+                if rotate:
+                    instruction = instructions[len(seen) % len(instructions)]
                 seen.add(words)
                 output = task.apply(words)
                 out.append(
@@ -548,11 +583,11 @@ class SyntheticSuite:
         lexicon, kinds, numbers, "none", then the other words sorted, then punctuation.
         """
         texts: list[str] = [*FORMAT_WORDS, "a", "an"]
-        for template in (*CONNECTIVES, EVAL_CONNECTIVE, *_FACT_TEMPLATES):
+        for template in (*CONNECTIVES, *EVAL_FAMILIES, *_FACT_TEMPLATES):
             texts.append(re.sub(r"\{\w+\}", " ", template))
         for primitive in self.primitives:
             texts.extend(primitive.phrasings)
-            texts.append(primitive.eval_phrasing)
+            texts.extend(primitive.eval_phrasings)
         rest = {token for text in texts for token in words_of(text)}
         head = [*LEXICON, *KINDS, *NUMBER_WORDS, EMPTY_OUTPUT]
         rest -= set(head)
@@ -601,6 +636,7 @@ def synthetic_dataset(
 
 
 __all__ = [
+    "EVAL_FAMILIES",
     "LEXICON",
     "PRIMITIVES",
     "Primitive",
