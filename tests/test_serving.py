@@ -138,21 +138,25 @@ def test_instruction_projected_once_per_task_for_all_rows_batches_and_steps():
 
 
 @pytest.mark.parametrize("family", sorted(SEQ2SEQ))
-def test_cross_attention_cache_keeps_only_the_input_part(family):
+def test_cross_attention_cache_keeps_only_the_input_part_for_one_task(family):
     model = tagi(family)
-    batch = make_batch(family)
+    batch = make_batch(family)  # three rows, three instructions
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
     ins_len, in_len = batch["instruction_input_ids"].shape[1], batch["input_ids"].shape[1]
+    [adapter] = model.generate_adapter(kwargs["instruction_input_ids"][:1], kwargs["instruction_attention_mask"][:1])
     options = dict(max_new_tokens=3, min_new_tokens=3, num_beams=2, return_dict_in_generate=True)
     lengths = {}
     for route in ("shared", "concatenated"):
         context = concatenated(model) if route == "concatenated" else contextmanager(lambda: (yield))()
         with torch.no_grad(), context:
-            cache = model.generate(**kwargs, **options).past_key_values.cross_attention_cache
-        # rows x beams in the cache; keys of the input alone on the shared route, of both parts when concatenated
-        assert {tuple(layer.keys.shape[:1]) for layer in cache.layers} == {(6,)}
-        lengths[route] = {layer.keys.shape[2] for layer in cache.layers}
-    assert lengths == {"shared": {in_len}, "concatenated": {ins_len + in_len}}
+            with model.base_model.use_adapter(adapter):
+                one_task = model.generate(input_ids=batch["input_ids"], **options).past_key_values
+            mixed = model.generate(**kwargs, **options).past_key_values
+        for cache in (one_task, mixed):  # rows x beams in the cache
+            assert {layer.keys.shape[0] for layer in cache.cross_attention_cache.layers} == {6}
+        lengths[route] = [{layer.keys.shape[2] for layer in c.cross_attention_cache.layers} for c in (one_task, mixed)]
+    # one task: the instruction's keys are kept once, apart; several: each row's copy sits next to its input's
+    assert lengths == {"shared": [{in_len}, {ins_len + in_len}], "concatenated": [{ins_len + in_len}] * 2}
 
 
 @pytest.mark.parametrize("family", sorted(SEQ2SEQ))

@@ -9,8 +9,9 @@ and read per row at every decoding step. On the serving route (no gradients) the
 - transformers' cache keeps each row's input part only, (N, H, S_in, d), as for the base model;
 - the instruction's keys and values are projected once per task and cross-attention module, (T, H, S_ins, d)
   (`project_instruction`), and cached with the applied task weights for every row, batch and decoding step;
-- every row's queries are scored against its task's instruction keys (for one task: all rows in one matmul per head)
-  and against its own input keys; one softmax over both parts gives the attention over the concatenation.
+- every row's queries are scored against its task's instruction keys (for one task: all rows in one matmul per head,
+  the instruction's keys read once) and against its own input keys; one softmax over both parts gives the attention
+  over the concatenation.
 
 Training keeps the concatenated route: gradients must reach the instruction states of each row.
 """
@@ -102,17 +103,19 @@ def shared_prefix_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    instruction: InstructionKV,
-    rows: torch.Tensor,
+    instruction_key: torch.Tensor,
+    instruction_value: torch.Tensor,
+    instruction_mask: torch.Tensor | None,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each row over [its task's instruction ; its input], the instruction's keys and values shared.
+    """Attention of each row over [instruction ; its input], the instruction's keys and values given apart.
 
     Args:
         query: (N, H, q, d). key, value: (N, H, S_in, d), each row's input part.
         mask: the input part's mask, broadcastable to (N, H, q, S_in): None, boolean (True: attend) or additive.
-        instruction: keys and values of the T tasks' instructions.
-        rows: (N,) the task of every row, in [0, T).
+        instruction_key, instruction_value: (1, H, S_ins, d), one instruction that every row reads, or
+            (N, H, S_ins, d), each row's own.
+        instruction_mask: additive, (1 or N, 1, 1, S_ins), or None.
         scaling: the factor of the query-key dot products.
 
     Returns:
@@ -121,18 +124,18 @@ def shared_prefix_attention(
     n, heads, q_len, head_dim = query.shape
     if scaling != 1.0:
         query = query * scaling  # (N, H, q, d) is the smallest tensor to scale
-    ins_key, ins_value = instruction.key, instruction.value
-    ins_len = ins_key.shape[2]
-    one_task = ins_key.shape[0] == 1
-    if one_task:
+    ins_len = instruction_key.shape[2]
+    shared = instruction_key.shape[0] == 1 and n > 1
+    if shared:
         # All rows read the same instruction: fold the rows into the query length, (H, N * q, d) @ (H, d, S_ins),
         # so that each head's instruction keys are read once, not once per row.
         folded = query.transpose(0, 1).reshape(heads, n * q_len, head_dim)
-        ins_scores = torch.matmul(folded, ins_key[0].transpose(1, 2)).view(heads, n, q_len, ins_len).transpose(0, 1)
+        ins_scores = torch.matmul(folded, instruction_key[0].transpose(1, 2))
+        ins_scores = ins_scores.view(heads, n, q_len, ins_len).transpose(0, 1)
     else:
-        ins_scores = torch.matmul(query, ins_key[rows].transpose(2, 3))
-    if instruction.mask is not None:
-        ins_scores = ins_scores + (instruction.mask if one_task else instruction.mask[rows])
+        ins_scores = torch.matmul(query, instruction_key.transpose(2, 3))
+    if instruction_mask is not None:
+        ins_scores = ins_scores + instruction_mask
     in_scores = torch.matmul(query, key.transpose(2, 3))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -142,11 +145,11 @@ def shared_prefix_attention(
     # One softmax over both parts: the weights of attending to the concatenation.
     weights = torch.softmax(torch.cat([ins_scores, in_scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
     ins_weights, in_weights = weights[..., :ins_len], weights[..., ins_len:]
-    if one_task:
+    if shared:
         folded = ins_weights.transpose(0, 1).reshape(heads, n * q_len, ins_len)
-        output = torch.matmul(folded, ins_value[0]).view(heads, n, q_len, head_dim).transpose(0, 1)
+        output = torch.matmul(folded, instruction_value[0]).view(heads, n, q_len, head_dim).transpose(0, 1)
     else:
-        output = torch.matmul(ins_weights, ins_value[rows])
+        output = torch.matmul(ins_weights, instruction_value)
     output = output + torch.matmul(in_weights, value)
     return output.transpose(1, 2), weights
 
@@ -164,14 +167,19 @@ def shared_prefix_cross_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of a cross-attention module (T5Attention / BartAttention) over [instruction ; input].
 
-    hidden_states: (N, q, d_model) decoder states; key_value_states: (N, S_in, d_model), the input part only. The
-    input part's keys and values go through transformers' cross-attention cache as in the module's own forward
-    (projected at the first decoding step, read from the cache afterwards); the instruction's come from
-    `instruction`. Returns the projected attention output (N, q, d_model) and the weights (N, H, q, S_ins + S_in).
+    hidden_states: (N, q, d_model) decoder states; key_value_states: (N, S_in, d_model), the input part only; rows:
+    (N,) the task of every row. The input part's keys and values go through transformers' cross-attention cache as
+    in the module's own forward (projected at the first decoding step, read from the cache afterwards). With one
+    task, every row reads `instruction`'s keys and values and the cache holds the input part only. With several, the
+    cache holds each row's [instruction ; input] (its task's instruction copied once per `generate` call, at the first
+    step): reading a shared instruction per task would take a pass over the rows of each task at every step.
+
+    Returns the projected attention output (N, q, d_model) and the weights (N, H, q, S_ins + S_in).
     """
     input_shape = hidden_states.shape[:-1]
     head_dim = getattr(module, layout.head_dim)
     query = getattr(module, layout.query)(hidden_states).view(*input_shape, -1, head_dim).transpose(1, 2)
+    one_task = instruction.key.shape[0] == 1
     is_updated = False
     layer_cache = cache
     if isinstance(cache, EncoderDecoderCache):
@@ -184,10 +192,20 @@ def shared_prefix_cross_attention(
         kv_shape = (*key_value_states.shape[:-1], -1, head_dim)
         key = getattr(module, layout.key)(key_value_states).view(kv_shape).transpose(1, 2)
         value = getattr(module, layout.value)(key_value_states).view(kv_shape).transpose(1, 2)
+        if not one_task:
+            key = torch.cat([instruction.key[rows], key], dim=2)
+            value = torch.cat([instruction.value[rows], value], dim=2)
         if cache is not None:
             key, value = layer_cache.update(key, value, module.layer_idx, kwargs=kwargs)
             if isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[module.layer_idx] = True
-    output, weights = shared_prefix_attention(query, key, value, mask, instruction, rows, module.scaling)
+    if one_task:
+        ins_key, ins_value, ins_mask = instruction.key, instruction.value, instruction.mask
+    else:
+        ins_len = instruction.key.shape[2]
+        ins_key, key = key[:, :, :ins_len], key[:, :, ins_len:]
+        ins_value, value = value[:, :, :ins_len], value[:, :, ins_len:]
+        ins_mask = None if instruction.mask is None else instruction.mask[rows]
+    output, weights = shared_prefix_attention(query, key, value, mask, ins_key, ins_value, ins_mask, module.scaling)
     output = getattr(module, layout.output)(output.reshape(*input_shape, -1))
     return output, weights
