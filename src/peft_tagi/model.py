@@ -190,6 +190,8 @@ class TagiModel(BaseTuner):
             layout = CROSS_ATTENTION_LAYOUTS.get(model.config.model_type)
             suffix = None if layout is None else f".{layout.module_suffix}"
             modules = [m for name, m in decoder.named_modules() if suffix is not None and name.endswith(suffix)]
+            if any(getattr(m, "has_relative_attention_bias", False) for m in modules):
+                modules = []  # a position bias over the instruction's keys: only the concatenation has it right
             for module in modules:
                 # An instance attribute, as accelerate's hooks do: the module, its parameters and state dict keys stay
                 # transformers' own; `_unload_and_optionally_merge` deletes it.
@@ -495,7 +497,7 @@ class TagiModel(BaseTuner):
         output, weights = shared_prefix_cross_attention(
             module, layout, instruction, rows, hidden_states, key_value_states, mask, cache, **kwargs
         )
-        # T5's cross-attention has no relative position bias: the layers share the zero bias of the first one.
+        # T5's cross-attention has no relative position bias (checked when installed): pass on what came in.
         return (output, position_bias, weights) if layout.returns_position_bias else (output, weights)
 
     # ------------------------------------------------------------------ public API
