@@ -162,22 +162,28 @@ def test_cross_attention_cache_keeps_only_the_input_part_for_one_task(family):
 @pytest.mark.parametrize("family", sorted(SEQ2SEQ))
 def test_shared_route_with_eager_attention_returns_the_concatenations_weights(family):
     model = tagi(family)
-    model.get_base_model().config._attn_implementation = "eager"
+    model.get_base_model().set_attn_implementation("eager")
     batch = make_batch(family, batch=4)
     batch["attention_mask"][0, -2:] = 0
+    [adapter] = model.generate_adapter(batch["instruction_input_ids"][:1], batch["instruction_attention_mask"][:1])
+    plain = {k: v for k, v in batch.items() if not k.startswith("instruction")}
     outputs = {}
     for route in ("shared", "concatenated"):
         context = concatenated(model) if route == "concatenated" else contextmanager(lambda: (yield))()
         with torch.no_grad(), context:
-            outputs[route] = model(**batch, output_attentions=True)
-    shared, reference = outputs["shared"], outputs["concatenated"]
-    assert (shared.logits - reference.logits).abs().max() <= 1e-5
+            mixed = model(**batch, output_attentions=True)  # four tasks
+            with model.base_model.use_adapter(adapter):
+                one_task = model(**plain, output_attentions=True)
+        outputs[route] = (mixed, one_task)
     ins_len, in_len = batch["instruction_input_ids"].shape[1], batch["input_ids"].shape[1]
-    for weights, expected in zip(shared.cross_attentions, reference.cross_attentions):
-        assert weights.shape == (4, 4, batch["labels"].shape[1], ins_len + in_len)
-        assert (weights - expected).abs().max() <= 1e-6
-    assert float(shared.cross_attentions[0][0, :, :, -2:].abs().max()) == 0.0  # padding gets no weight
-    assert float(shared.cross_attentions[0][2, :, :, ins_len - 2 : ins_len].abs().max()) == 0.0  # row 2's too
+    for shared, reference in zip(outputs["shared"], outputs["concatenated"]):
+        assert (shared.logits - reference.logits).abs().max() <= 1e-5
+        for weights, expected in zip(shared.cross_attentions, reference.cross_attentions):
+            assert weights.shape == (4, 4, batch["labels"].shape[1], ins_len + in_len)
+            assert (weights - expected).abs().max() <= 1e-6
+        assert float(shared.cross_attentions[0][0, :, :, -2:].abs().max()) == 0.0  # padding gets no weight
+    mixed = outputs["shared"][0]
+    assert float(mixed.cross_attentions[0][2, :, :, ins_len - 2 : ins_len].abs().max()) == 0.0  # row 2's too
 
 
 def test_training_mode_without_gradients_attends_to_the_concatenation():

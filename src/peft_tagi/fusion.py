@@ -154,6 +154,49 @@ def shared_prefix_attention(
     return output.transpose(1, 2), weights
 
 
+def concatenation_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    with_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of each row over its own [instruction ; input] keys and values, (N, H, S_ins + S_in, d).
+
+    mask: additive, broadcastable to (N, H, q, S_ins + S_in), or None. Returns the output (N, q, H, d) and, with
+    `with_weights` (as eager attention does), the weights; otherwise torch's fused kernel and None (as sdpa does).
+    """
+    if not with_weights:
+        output = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return output.transpose(1, 2), None
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+def _concatenation_mask(
+    instruction_mask: torch.Tensor | None, mask: torch.Tensor | None, key: torch.Tensor, ins_len: int
+) -> torch.Tensor | None:
+    """The additive mask of [instruction ; input] keys, (N, 1, q or 1, S_ins + S_in), from the instruction's
+    (N, 1, 1, S_ins) additive mask and the input part's (None, boolean or additive); None when nothing is masked."""
+    if instruction_mask is None and mask is None:
+        return None
+    n, in_len = key.shape[0], key.shape[2] - ins_len
+    if mask is None:
+        mask = torch.zeros((n, 1, 1, in_len), dtype=key.dtype, device=key.device)
+    elif mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=key.dtype, device=key.device).masked_fill(
+            ~mask, torch.finfo(key.dtype).min
+        )
+    if instruction_mask is None:
+        instruction_mask = torch.zeros((n, 1, 1, ins_len), dtype=key.dtype, device=key.device)
+    q_len = max(mask.shape[2], instruction_mask.shape[2])
+    return torch.cat([instruction_mask.expand(n, 1, q_len, ins_len), mask.expand(n, 1, q_len, in_len)], dim=-1)
+
+
 def shared_prefix_cross_attention(
     module: nn.Module,
     layout: CrossAttentionLayout,
@@ -172,9 +215,11 @@ def shared_prefix_cross_attention(
     in the module's own forward (projected at the first decoding step, read from the cache afterwards). With one
     task, every row reads `instruction`'s keys and values and the cache holds the input part only. With several, the
     cache holds each row's [instruction ; input] (its task's instruction copied once per `generate` call, at the first
-    step): reading a shared instruction per task would take a pass over the rows of each task at every step.
+    step) and each row attends to its own: reading a shared instruction per task would take a pass over the rows of
+    each task at every step.
 
-    Returns the projected attention output (N, q, d_model) and the weights (N, H, q, S_ins + S_in).
+    Returns the projected attention output (N, q, d_model) and the weights (N, H, q, S_ins + S_in), or None for
+    several tasks under sdpa attention (as the module's own sdpa forward).
     """
     input_shape = hidden_states.shape[:-1]
     head_dim = getattr(module, layout.head_dim)
@@ -200,12 +245,14 @@ def shared_prefix_cross_attention(
             if isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[module.layer_idx] = True
     if one_task:
-        ins_key, ins_value, ins_mask = instruction.key, instruction.value, instruction.mask
+        output, weights = shared_prefix_attention(
+            query, key, value, mask, instruction.key, instruction.value, instruction.mask, module.scaling
+        )
     else:
-        ins_len = instruction.key.shape[2]
-        ins_key, key = key[:, :, :ins_len], key[:, :, ins_len:]
-        ins_value, value = value[:, :, :ins_len], value[:, :, ins_len:]
         ins_mask = None if instruction.mask is None else instruction.mask[rows]
-    output, weights = shared_prefix_attention(query, key, value, mask, ins_key, ins_value, ins_mask, module.scaling)
+        output, weights = concatenation_attention(
+            query, key, value, _concatenation_mask(ins_mask, mask, key, instruction.key.shape[2]), module.scaling,
+            with_weights=module.config._attn_implementation == "eager",
+        )  # fmt: skip
     output = getattr(module, layout.output)(output.reshape(*input_shape, -1))
     return output, weights

@@ -448,7 +448,8 @@ class TagiModel(BaseTuner):
             self._shares_instruction_kv
             and not torch.is_grad_enabled()
             and not module.training
-            and self.model.config._attn_implementation in SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS
+            # the implementation the cross-attention modules themselves read (T5's decoder has its own config)
+            and self._shared_prefix_modules[0].config._attn_implementation in SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS
         ):
             self._fusion_rows = index
             return None
