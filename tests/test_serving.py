@@ -224,6 +224,28 @@ def test_unload_restores_the_cross_attention_forward_and_deepcopy_keeps_the_rout
     assert all("forward" not in vars(m) for m in attentions)
 
 
+def test_a_forward_set_on_the_module_before_injection_is_wrapped_and_put_back():
+    """As accelerate's hooks set one: it keeps running on the concatenated route and comes back on unload."""
+    base = BUILDERS["t5"]()
+    calls = []
+    for module in (m for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")):
+        own = module.forward
+
+        def hooked(*args, _own=own, **kwargs):
+            calls.append(1)
+            return _own(*args, **kwargs)
+
+        module.forward = hooked
+    hooked_forwards = [m.forward for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")]
+    config = TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, hypernetwork_hidden_size=32, module_embedding_dim=8)
+    model = get_peft_model(base, config)
+    batch = make_batch("t5")
+    model(**batch)  # with gradients: the concatenated route, through the modules' own (hooked) forward
+    assert len(calls) == 2
+    model.unload()
+    assert [m.forward for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")] == hooked_forwards
+
+
 @pytest.mark.parametrize("fusion", [False, True])
 def test_use_adapter_merge_restores_base_weights_exactly(fusion):
     model = tagi("t5", instruction_fusion=fusion)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -109,8 +109,10 @@ class TagiModel(BaseTuner):
         # values (set by `_fusion_pre_hook` at each decoder call; None when the decoder reads the concatenation).
         self._fusion_rows: torch.Tensor | None = None
         self._shares_instruction_kv = False
-        # Cross-attention modules whose forward is `_cross_attention_forward` (removed on unload).
+        # Cross-attention modules whose forward is `_cross_attention_forward`, and the forward each had as an instance
+        # attribute before (an accelerate hook's, for one), or None: put back on unload.
         self._shared_prefix_modules: list[nn.Module] = []
+        self._previous_forwards: list[Callable | None] = []
         self._layers: dict[str, TagiLinear] = {}
         self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
@@ -194,8 +196,10 @@ class TagiModel(BaseTuner):
                 modules = []  # a position bias over the instruction's keys: only the concatenation has it right
             for module in modules:
                 # An instance attribute, as accelerate's hooks do: the module, its parameters and state dict keys stay
-                # transformers' own; `_unload_and_optionally_merge` deletes it.
-                module.forward = functools.partial(self._cross_attention_forward, module, layout)
+                # transformers' own. It wraps whatever forward the module had; `_unload_and_optionally_merge` puts
+                # that back.
+                self._previous_forwards.append(vars(module).get("forward"))
+                module.forward = functools.partial(self._cross_attention_forward, module, layout, module.forward)
             self._shared_prefix_modules = modules
             self._shares_instruction_kv = bool(modules)
             if not modules:
@@ -465,14 +469,20 @@ class TagiModel(BaseTuner):
         return args, kwargs
 
     def _cross_attention_forward(
-        self, module: nn.Module, layout: CrossAttentionLayout, hidden_states: torch.Tensor, *args, **kwargs
+        self,
+        module: nn.Module,
+        layout: CrossAttentionLayout,
+        own_forward: Callable,
+        hidden_states: torch.Tensor,
+        *args,
+        **kwargs,
     ):
-        """The forward of a decoder cross-attention module: its own, or, while `_fusion_pre_hook` chose the shared
+        """The forward of a decoder cross-attention module: its own (`own_forward`), or, while `_fusion_pre_hook` chose the shared
         route for this decoder call, attention over [instruction ; input] with the instruction's keys and values
         projected once per task and cross-attention module (cached in the applied `TaskWeights`)."""
         rows = self._fusion_rows
         if rows is None:
-            return type(module).forward(module, hidden_states, *args, **kwargs)
+            return own_forward(hidden_states, *args, **kwargs)
         if args:
             raise TypeError(
                 f"{type(module).__name__} was called with positional arguments {len(args)} after hidden_states; TAGI's "
@@ -663,9 +673,12 @@ class TagiModel(BaseTuner):
         for handle in self._fusion_handles:
             handle.remove()
         self._fusion_handles = []
-        for module in self._shared_prefix_modules:
-            del module.forward  # back to the class's forward
-        self._shared_prefix_modules = []
+        for module, previous in zip(self._shared_prefix_modules, self._previous_forwards):
+            if previous is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = previous
+        self._shared_prefix_modules, self._previous_forwards = [], []
         self._fusion_rows = None
         self._shares_instruction_kv = False
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
