@@ -7,7 +7,8 @@ users serve, or a teacher-forced forward over the output tokens):
               (meta-train style, as Tk-Instruct).
 (b) tagi:     TAGI with instruction fusion: `generate_adapter` once (its time is part of the task's total), then
               one `use_adapter` block around all batches, inputs alone; the decoder cross-attends to the instruction,
-              whose cross-attention keys and values are projected once for the task.
+              whose cross-attention keys and values are projected once for the task and shared by every row
+              (`peft_tagi/fusion.py`: the cross-attention cache holds the input part only).
 (c) merged:   a TAGI model without fusion: `generate_adapter` once, then one `use_adapter(adapter, merge=True)`
               block around all batches (all of it timed, merging and restoring the weights included).
 (d) base:     the base model on the input alone: the floor, which (a) and (b) can approach but not pass.

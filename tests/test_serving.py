@@ -1,11 +1,12 @@
-"""Serving: instruction keys / values projected once per task, and `use_adapter(merge=True)`.
+"""Serving: the instruction's keys / values projected once per task and shared (fusion.py), `use_adapter(merge=True)`.
 
 The shared route (no gradients) must give what the concatenated route gives: the reference is the same model with
-`_shares_instruction_kv` switched off, which makes every row project [instruction ; input] as before.
+`_shares_instruction_kv` switched off, which makes every row attend to its own [instruction ; input] as in training.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -31,6 +32,11 @@ def concatenated(model):
         yield
     finally:
         model.base_model._shares_instruction_kv = True
+
+
+def cross_attentions(model) -> list[torch.nn.Module]:
+    names = ("EncDecAttention", "encoder_attn")
+    return [m for n, m in model.get_base_model().get_decoder().named_modules() if n.endswith(names)]
 
 
 def kv_projections(model) -> list[torch.nn.Module]:
@@ -60,10 +66,13 @@ GENERATE = [
 @pytest.mark.parametrize("options", GENERATE, ids=["greedy", "beam", "sample_return_2", "beam_return_2"])
 def test_shared_instruction_kv_equals_concatenation_in_generate(family, options):
     model = tagi(family)
-    assert model.base_model._shares_instruction_kv and len(kv_projections(model)) == 4
+    assert model.base_model._shares_instruction_kv and model.base_model._shared_prefix_modules == cross_attentions(
+        model
+    )
     batch = make_batch(family, batch=4, seed=1)  # rows 0, 1, 2 differ in instruction: a mixed-task batch
     batch["instruction_input_ids"][3] = batch["instruction_input_ids"][0]
     batch["instruction_attention_mask"][3] = batch["instruction_attention_mask"][0]
+    batch["attention_mask"][1, -3:] = 0  # a padded input: the input part's mask must reach the shared attention
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
     common = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, output_logits=True, **options)
     [adapter] = model.generate_adapter(kwargs["instruction_input_ids"][:1], kwargs["instruction_attention_mask"][:1])
@@ -117,33 +126,124 @@ def test_instruction_projected_once_per_task_for_all_rows_batches_and_steps():
             rows = slice(start, start + 3)
             model.generate(input_ids=batch["input_ids"][rows], max_new_tokens=5, min_new_tokens=5, num_beams=2)
         cached = model.base_model._active.instruction_kv
+    for attention in cross_attentions(model):
+        # (T, H, S_ins, d): one task, its instruction's keys and values for all 4 heads
+        assert cached[attention].key.shape[:3] == cached[attention].value.shape[:3] == (1, 4, ins_len)
     for module in kv_projections(model):
         instruction_calls = [shape for shape in calls[module] if shape[1] == ins_len]
         # one projection of the one task's instruction (1 row), whatever the rows, beams, batches and steps
         assert instruction_calls == [(1, ins_len)], calls[module]
         # the inputs are projected once per batch (then the cross-attention cache serves every step)
         assert [shape for shape in calls[module] if shape[1] != ins_len] == [(6, 7), (6, 7)]
-        assert cached[module].shape[:2] == (1, ins_len)
 
 
-def test_concatenated_states_built_once_per_generate_call():
+@pytest.mark.parametrize("family", sorted(SEQ2SEQ))
+def test_cross_attention_cache_keeps_only_the_input_part_for_one_task(family):
+    model = tagi(family)
+    batch = make_batch(family)  # three rows, three instructions
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    ins_len, in_len = batch["instruction_input_ids"].shape[1], batch["input_ids"].shape[1]
+    [adapter] = model.generate_adapter(kwargs["instruction_input_ids"][:1], kwargs["instruction_attention_mask"][:1])
+    options = dict(max_new_tokens=3, min_new_tokens=3, num_beams=2, return_dict_in_generate=True)
+    lengths = {}
+    for route in ("shared", "concatenated"):
+        context = concatenated(model) if route == "concatenated" else contextmanager(lambda: (yield))()
+        with torch.no_grad(), context:
+            with model.base_model.use_adapter(adapter):
+                one_task = model.generate(input_ids=batch["input_ids"], **options).past_key_values
+            mixed = model.generate(**kwargs, **options).past_key_values
+        for cache in (one_task, mixed):  # rows x beams in the cache
+            assert {layer.keys.shape[0] for layer in cache.cross_attention_cache.layers} == {6}
+        lengths[route] = [{layer.keys.shape[2] for layer in c.cross_attention_cache.layers} for c in (one_task, mixed)]
+    # one task: the instruction's keys are kept once, apart; several: each row's copy sits next to its input's
+    assert lengths == {"shared": [{in_len}, {ins_len + in_len}], "concatenated": [{ins_len + in_len}] * 2}
+
+
+@pytest.mark.parametrize("family", sorted(SEQ2SEQ))
+def test_shared_route_with_eager_attention_returns_the_concatenations_weights(family):
+    model = tagi(family)
+    model.get_base_model().set_attn_implementation("eager")
+    batch = make_batch(family, batch=4)
+    batch["attention_mask"][0, -2:] = 0
+    [adapter] = model.generate_adapter(batch["instruction_input_ids"][:1], batch["instruction_attention_mask"][:1])
+    plain = {k: v for k, v in batch.items() if not k.startswith("instruction")}
+    outputs = {}
+    for route in ("shared", "concatenated"):
+        context = concatenated(model) if route == "concatenated" else contextmanager(lambda: (yield))()
+        with torch.no_grad(), context:
+            mixed = model(**batch, output_attentions=True)  # four tasks
+            with model.base_model.use_adapter(adapter):
+                one_task = model(**plain, output_attentions=True)
+        outputs[route] = (mixed, one_task)
+    ins_len, in_len = batch["instruction_input_ids"].shape[1], batch["input_ids"].shape[1]
+    for shared, reference in zip(outputs["shared"], outputs["concatenated"]):
+        assert (shared.logits - reference.logits).abs().max() <= 1e-5
+        for weights, expected in zip(shared.cross_attentions, reference.cross_attentions):
+            assert weights.shape == (4, 4, batch["labels"].shape[1], ins_len + in_len)
+            assert (weights - expected).abs().max() <= 1e-6
+        assert float(shared.cross_attentions[0][0, :, :, -2:].abs().max()) == 0.0  # padding gets no weight
+    mixed = outputs["shared"][0]
+    assert float(mixed.cross_attentions[0][2, :, :, ins_len - 2 : ins_len].abs().max()) == 0.0  # row 2's too
+
+
+def test_training_mode_without_gradients_attends_to_the_concatenation():
+    """Attention dropout is the module's own: in training mode the shared route is not taken."""
+    model = tagi("t5", lora_dropout=0.0)
+    batch = make_batch("t5")
+    seen = []
+    handle = (
+        model.get_base_model()
+        .get_decoder()
+        .register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True
+        )
+    )
+    with torch.no_grad():
+        model.train()
+        model(**batch)
+        model.eval()
+        model(**batch)
+    handle.remove()
+    ins_len, in_len = batch["instruction_input_ids"].shape[1], batch["input_ids"].shape[1]
+    assert seen == [ins_len + in_len, in_len]
+
+
+def test_unload_restores_the_cross_attention_forward_and_deepcopy_keeps_the_route():
     model = tagi("bart")
     batch = make_batch("bart")
-    seen = []
-    decoder = model.get_base_model().get_decoder()
-    # registered after the fusion hook, so it sees the fused inputs
-    handle = decoder.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True
-    )
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    options = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2)
     with torch.no_grad():
-        model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4, num_beams=2)
-        first = len(seen)
-        model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4, num_beams=2)
-    handle.remove()
-    assert first == 4 and len(seen) == 8
-    assert all(s is seen[0] for s in seen[:4]) and all(s is seen[4] for s in seen[4:]) and seen[4] is not seen[0]
-    assert model.base_model._fused_inputs is None  # freed when the call's task weights were removed
+        expected = model.generate(**kwargs, **options)
+        twin = copy.deepcopy(model)
+        assert twin.base_model._shared_prefix_modules == cross_attentions(twin)
+        assert all(m.forward.func.__self__ is twin.base_model for m in cross_attentions(twin))
+        assert torch.equal(twin.generate(**kwargs, **options), expected)
+    attentions = cross_attentions(model)
+    model.unload()
+    assert all("forward" not in vars(m) for m in attentions)
+
+
+def test_a_forward_set_on_the_module_before_injection_is_wrapped_and_put_back():
+    """As accelerate's hooks set one: it keeps running on the concatenated route and comes back on unload."""
+    base = BUILDERS["t5"]()
+    calls = []
+    for module in (m for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")):
+        own = module.forward
+
+        def hooked(*args, _own=own, **kwargs):
+            calls.append(1)
+            return _own(*args, **kwargs)
+
+        module.forward = hooked
+    hooked_forwards = [m.forward for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")]
+    config = TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, hypernetwork_hidden_size=32, module_embedding_dim=8)
+    model = get_peft_model(base, config)
+    batch = make_batch("t5")
+    model(**batch)  # with gradients: the concatenated route, through the modules' own (hooked) forward
+    assert len(calls) == 2
+    model.unload()
+    assert [m.forward for n, m in base.decoder.named_modules() if n.endswith("EncDecAttention")] == hooked_forwards
 
 
 @pytest.mark.parametrize("fusion", [False, True])

@@ -27,17 +27,6 @@ TAGI_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "mistral": ["q_proj", "v_proj"],
 }
 
-# Encoder-decoder models: the names (suffixes of module paths) of the decoder's cross-attention key and value
-# projections. With instruction fusion, `TagiModel` projects each task's instruction states through them once and
-# shares the result with every row; a model family missing here still works, projecting the instruction per row.
-CROSS_ATTENTION_KV_MAPPING: dict[str, tuple[str, str]] = {
-    "t5": ("EncDecAttention.k", "EncDecAttention.v"),
-    "mt5": ("EncDecAttention.k", "EncDecAttention.v"),
-    "umt5": ("EncDecAttention.k", "EncDecAttention.v"),
-    "bart": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
-    "mbart": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
-}
-
 POOLING_CHOICES = ("mean", "attention")
 OVERFLOW_CHOICES = ("truncate", "error")
 SUPPORTED_TASK_TYPES = (TaskType.SEQ_2_SEQ_LM, TaskType.CAUSAL_LM)

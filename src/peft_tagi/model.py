@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,7 +17,15 @@ from transformers.utils import logging
 
 from .adapter import TaskAdapter
 from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
-from .config import CROSS_ATTENTION_KV_MAPPING, TAGI_TARGET_MODULES_MAPPING, TagiConfig
+from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
+from .fusion import (
+    CROSS_ATTENTION_LAYOUTS,
+    SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS,
+    CrossAttentionLayout,
+    InstructionKV,
+    project_instruction,
+    shared_prefix_cross_attention,
+)
 from .hypernetwork import TagiHypernetwork, TargetSpec
 from .layer import TagiLinear, dispatch_default
 
@@ -45,16 +54,16 @@ class TaskWeights:
     applied with `TagiModel.apply_task_weights`. `states` (instruction fusion) is None when the decoder should not
     see an instruction.
 
-    `instruction_kv` caches, for every cross-attention key / value projection of the decoder, the projection of each
-    task's instruction states, (T, S, out_features): computed at the first decoder call without gradients under these
-    weights and reused by every row, batch and decoding step while they are applied.
+    `instruction_kv` caches, for every cross-attention module of the decoder, each task's instruction projected to its
+    keys and values (see `fusion.py`): computed at the first decoder call without gradients under these weights and
+    reused by every row, batch and decoding step while they are applied.
     """
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
     row_index: torch.Tensor | None  # (batch,) or None for one task
     states: torch.Tensor | None  # (T, S, d) fusion states or None
     states_mask: torch.Tensor | None  # (T, S)
-    instruction_kv: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
+    instruction_kv: dict[nn.Module, InstructionKV] = field(default_factory=dict, repr=False)
 
 
 class TagiModel(BaseTuner):
@@ -96,12 +105,14 @@ class TagiModel(BaseTuner):
         self._adapters_enabled = True
         self.last_task_weights: TaskWeights | None = None
         self._fusion_handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Task of every decoder row while the cross-attention projections add the shared instruction keys and
+        # Task of every decoder row while the cross-attention modules attend to the shared instruction keys and
         # values (set by `_fusion_pre_hook` at each decoder call; None when the decoder reads the concatenation).
         self._fusion_rows: torch.Tensor | None = None
         self._shares_instruction_kv = False
-        # (inputs, their concatenation with the instruction) of the last decoder call on the shared route.
-        self._fused_inputs: tuple | None = None
+        # Cross-attention modules whose forward is `_cross_attention_forward`, and the forward each had as an instance
+        # attribute before (an accelerate hook's, for one), or None: put back on unload.
+        self._shared_prefix_modules: list[nn.Module] = []
+        self._previous_forwards: list[Callable | None] = []
         self._layers: dict[str, TagiLinear] = {}
         self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
@@ -178,16 +189,23 @@ class TagiModel(BaseTuner):
         if config.instruction_fusion:
             decoder = model.get_decoder()
             self._fusion_handles.append(decoder.register_forward_pre_hook(self._fusion_pre_hook, with_kwargs=True))
-            suffixes = tuple(f".{name}" for name in CROSS_ATTENTION_KV_MAPPING.get(model.config.model_type, ()))
-            projections = [module for name, module in decoder.named_modules() if name.endswith(suffixes)]
-            for module in projections:
-                self._fusion_handles.append(module.register_forward_pre_hook(self._input_part_pre_hook))
-                self._fusion_handles.append(module.register_forward_hook(self._instruction_kv_hook))
-            self._shares_instruction_kv = bool(projections)
-            if not projections:
+            layout = CROSS_ATTENTION_LAYOUTS.get(model.config.model_type)
+            suffix = None if layout is None else f".{layout.module_suffix}"
+            modules = [m for name, m in decoder.named_modules() if suffix is not None and name.endswith(suffix)]
+            if any(getattr(m, "has_relative_attention_bias", False) for m in modules):
+                modules = []  # a position bias over the instruction's keys: only the concatenation has it right
+            for module in modules:
+                # An instance attribute, as accelerate's hooks do: the module, its parameters and state dict keys stay
+                # transformers' own. It wraps whatever forward the module had; `_unload_and_optionally_merge` puts
+                # that back.
+                self._previous_forwards.append(vars(module).get("forward"))
+                module.forward = functools.partial(self._cross_attention_forward, module, layout, module.forward)
+            self._shared_prefix_modules = modules
+            self._shares_instruction_kv = bool(modules)
+            if not modules:
                 logger.info(
-                    f"Instruction fusion on {type(model).__name__}: its cross-attention projections are not in "
-                    "CROSS_ATTENTION_KV_MAPPING, so every row projects its instruction states again (correct, slower)."
+                    f"Instruction fusion on {type(model).__name__}: its cross-attention is not in "
+                    "CROSS_ATTENTION_LAYOUTS, so every row attends to its own copy of the instruction (correct, slower)."
                 )
 
     @classmethod
@@ -289,7 +307,6 @@ class TagiModel(BaseTuner):
     # ------------------------------------------------------------------ installing task weights
     def _install(self, active: TaskWeights | None) -> None:
         self._fusion_rows = None
-        self._fused_inputs = None
         for name, layer in self._layers.items():
             if active is None:
                 layer.set_task_weights(None, None)
@@ -408,18 +425,15 @@ class TagiModel(BaseTuner):
     def _fusion_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         """Before each decoder call: the decoder attends to [instruction states ; encoder states] of each row's task.
 
-        The instruction part of the cross-attention keys and values takes one of two routes, with equal outputs:
+        The instruction part takes one of two routes, with equal outputs:
 
-        - without gradients (generation, evaluation), when this model family's cross-attention projections are known
-          (`CROSS_ATTENTION_KV_MAPPING`): each projection sees only the input part of every row
-          (`_input_part_pre_hook`) and prepends the instruction part, projected once per task
-          (`_instruction_kv_hook`). Serving then pays for the instruction once per task, not once per row;
-        - with gradients, every row projects its concatenation, as the layers see it. Training generates new weights
-          at every step, so nothing could be reused across calls; and a cache filled inside a checkpointed layer's
-          forward would not be replayed in its recomputation during backward.
-
-        The concatenation of the states is built on both routes: the attention layers read their key length (and T5
-        its zero position bias) from it.
+        - without gradients (generation, evaluation) in eval mode, when this model family's cross-attention is known
+          (`fusion.CROSS_ATTENTION_LAYOUTS`) and runs eager or sdpa attention: the decoder gets the encoder states
+          alone and each cross-attention module adds the instruction's keys and values, projected once per task and
+          shared by every row (`_cross_attention_forward`). Serving pays for the instruction once per task, not once
+          per row and decoding step;
+        - otherwise every row attends to its concatenation, built here. Training generates new weights at every
+          step, so nothing could be reused across calls, and gradients must reach each row's instruction states.
         """
         self._fusion_rows = None
         active = self._active
@@ -434,70 +448,68 @@ class TagiModel(BaseTuner):
             raise ValueError(f"The decoder got {n_rows} rows for {index.shape[0]} instructions.")
         # Beam search and num_return_sequences repeat each row consecutively.
         index = index.repeat_interleave(n_rows // index.shape[0])
-        encoder_mask = kwargs.get("encoder_attention_mask")
-        shared = self._shares_instruction_kv and not torch.is_grad_enabled()
-        # Every decoding step of a `generate` call passes the same encoder states and mask: on the shared route the
-        # concatenation is built at the first step and reused (at batch 100 and t5-small sizes, building it costs
-        # about as much as a decoding step). The key holds the inputs themselves, so their ids cannot be recycled.
-        key = (active, encoder_states, encoder_mask, encoder_states._version)
-        cached = self._fused_inputs
         if (
-            shared
-            and cached is not None
-            and all(a is b for a, b in zip(cached[0][:3], key[:3]))
-            and cached[0][3] == key[3]
+            self._shares_instruction_kv
+            and not torch.is_grad_enabled()
+            and not module.training
+            # the implementation the cross-attention modules themselves read (T5's decoder has its own config)
+            and self._shared_prefix_modules[0].config._attn_implementation in SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS
         ):
-            fused_states, fused_mask = cached[1]
-        else:
-            if index.shape[0] > 1 and active.states.shape[0] == 1:
-                states, states_mask = active.states.expand(n_rows, -1, -1), active.states_mask.expand(n_rows, -1)
-            else:
-                states, states_mask = active.states[index], active.states_mask[index]
-            if encoder_mask is None:
-                encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
-            fused_states = torch.cat([states.to(encoder_states.dtype), encoder_states], dim=1)
-            fused_mask = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
-            self._fused_inputs = (key, (fused_states, fused_mask)) if shared else None
-        kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"] = fused_states, fused_mask
-        if shared:
             self._fusion_rows = index
+            return None
+        if index.shape[0] > 1 and active.states.shape[0] == 1:
+            states, states_mask = active.states.expand(n_rows, -1, -1), active.states_mask.expand(n_rows, -1)
+        else:
+            states, states_mask = active.states[index], active.states_mask[index]
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
+        kwargs["encoder_hidden_states"] = torch.cat([states.to(encoder_states.dtype), encoder_states], dim=1)
+        kwargs["encoder_attention_mask"] = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
         return args, kwargs
 
-    def _input_part_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Before a cross-attention key / value projection: drop the instruction part, (N, S_ins + S_in, d) ->
-        (N, S_in, d) (a view), when `_instruction_kv_hook` will put it back projected."""
-        if self._fusion_rows is None:
-            return None
-        return (args[0][:, self._active.states.shape[1] :], *args[1:])
-
-    def _instruction_kv_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """After a cross-attention key / value projection of the input part (N, S_in, out): prepend the projected
-        instruction states of each row's task, giving what the projection of the concatenation gives,
-        (N, S_ins + S_in, out).
-
-        The instruction's projection is computed once per task and per projection and cached in the applied
-        `TaskWeights`; each row gets a view of its task's (`expand` for one task) and the concatenation copies it
-        next to the row's own part. A targeted projection (`TagiLinear`) applies task t's LoRA to task t's
-        instruction, as the projection of each row's concatenation does. Later decoding steps and beam search read
-        the keys and values from transformers' cross-attention cache and do not call the projection again.
-        """
+    def _cross_attention_forward(
+        self,
+        module: nn.Module,
+        layout: CrossAttentionLayout,
+        own_forward: Callable,
+        hidden_states: torch.Tensor,
+        *args,
+        **kwargs,
+    ):
+        """The forward of a decoder cross-attention module: its own (`own_forward`), or, while `_fusion_pre_hook` chose the shared
+        route for this decoder call, attention over [instruction ; input] with the instruction's keys and values
+        projected once per task and cross-attention module (cached in the applied `TaskWeights`)."""
         rows = self._fusion_rows
         if rows is None:
-            return None
-        if output.shape[0] != rows.shape[0]:
-            raise ValueError(
-                f"A cross-attention projection got {output.shape[0]} rows but the decoder call {rows.shape[0]}."
+            return own_forward(hidden_states, *args, **kwargs)
+        if args:
+            raise TypeError(
+                f"{type(module).__name__} was called with positional arguments {len(args)} after hidden_states; TAGI's "
+                "shared instruction attention expects keywords, as transformers' decoder layers pass them."
             )
+        key_value_states = kwargs.pop("key_value_states", None)
+        if key_value_states is None:
+            raise ValueError(f"{type(module).__name__} is a cross-attention module but got no key_value_states.")
+        if rows.shape[0] != key_value_states.shape[0]:
+            raise ValueError(
+                f"A cross-attention module got {key_value_states.shape[0]} rows but the decoder call {rows.shape[0]}."
+            )
+        mask = kwargs.pop(layout.mask_argument, None)
+        cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
+        position_bias = kwargs.pop("position_bias", None)
         active = self._active
-        projected = active.instruction_kv.get(module)
-        if projected is None or projected.dtype != output.dtype or projected.device != output.device:
-            states = active.states.to(device=args[0].device, dtype=args[0].dtype)
-            # `forward`, not `__call__`: projecting the instruction must not run these hooks again.
-            project = module.forward_per_task if isinstance(module, TagiLinear) else module.forward
-            projected = project(states)
-            active.instruction_kv[module] = projected
-        shared = projected.expand(rows.shape[0], -1, -1) if projected.shape[0] == 1 else projected[rows]
-        return torch.cat([shared, output], dim=1)
+        instruction = active.instruction_kv.get(module)
+        dtype, device = key_value_states.dtype, key_value_states.device
+        if instruction is None or instruction.key.dtype != dtype or instruction.key.device != device:
+            states = active.states.to(device=device, dtype=dtype)
+            instruction = project_instruction(module, layout, states, active.states_mask.to(device))
+            active.instruction_kv[module] = instruction
+        output, weights = shared_prefix_cross_attention(
+            module, layout, instruction, rows, hidden_states, key_value_states, mask, cache, **kwargs
+        )
+        # T5's cross-attention has no relative position bias (checked when installed): pass on what came in.
+        return (output, position_bias, weights) if layout.returns_position_bias else (output, weights)
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -661,9 +673,14 @@ class TagiModel(BaseTuner):
         for handle in self._fusion_handles:
             handle.remove()
         self._fusion_handles = []
+        for module, previous in zip(self._shared_prefix_modules, self._previous_forwards):
+            if previous is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = previous
+        self._shared_prefix_modules, self._previous_forwards = [], []
         self._fusion_rows = None
         self._shares_instruction_kv = False
-        self._fused_inputs = None
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
         for layer in self._layers.values():
             layer.set_task_weights(None, None)
