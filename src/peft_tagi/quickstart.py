@@ -346,6 +346,24 @@ def wording_report(predictions: list[str], examples: list[dict], families: list[
     }
 
 
+def generated_adapter_predictions(model, tokenizer, examples: list[dict]) -> list[str]:
+    """Greedy outputs of a TAGI model for `examples`: one adapter generated per distinct instruction, all of that
+    instruction's inputs in one batch."""
+    tagi = model.base_model
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e["instruction"], []).append(i)
+    predictions = [""] * len(examples)
+    for instruction, rows in groups.items():
+        ids = tokenizer([instruction], return_tensors="pt").to(model.device)
+        [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
+        with tagi.use_adapter(adapter):
+            outputs, _ = _generate(model, tokenizer, [examples[i]["input"] for i in rows])
+        for i, text in zip(rows, outputs):
+            predictions[i] = text
+    return predictions
+
+
 def paraphrase_family(suite: SyntheticSuite, example: dict) -> str:
     """The evaluation-only family of a held-out example's instruction, as "k: template" (k from 1)."""
     k = suite.task(example["task_name"]).instructions(train=False).index(example["instruction"])
