@@ -131,6 +131,17 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert wording["fraction_of_training_wordings"] == pytest.approx(
         mean / wording["training_wordings"]["rougeL"] if wording["training_wordings"]["rougeL"] else 0.0
     )
+    # bench/wording.py re-evaluates the saved models of a finished run: the same examples give the same scores.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "wording.json"
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "wording.py"), str(tmp_path / "qs"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    [rerun] = json.loads(out.read_text())["runs"]
+    assert rerun["families"] == wording["families"]
+    assert rerun["training_wordings"] == wording["training_wordings"]
     assert sum(results["timings_s"].values()) < 120
 
 
