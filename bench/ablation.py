@@ -198,6 +198,36 @@ def aggregate(runs: list[dict]) -> dict[str, dict]:
     return summary
 
 
+# Two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom (n seeds -> n - 1).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_differences(runs: list[dict], reference: str = "full") -> dict[str, dict]:
+    """Per variant: TAGI's score minus the `reference` variant's on the same seed (the variants of a seed share its
+    base model, teachers and data, so the seed's own level cancels), with mean, sample std, a 95 % t interval and
+    whether that interval excludes 0 ("beyond noise"). Seeds where either run failed are left out."""
+    score = {(r["variant"], r["seed"]): r["rows"]["tagi"] for r in runs if "rows" in r}
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        seeds = [s for (v, s) in score if v == name and (reference, s) in score]
+        if name == reference or len(seeds) < 2:
+            continue
+        entry = {"seeds": seeds}
+        for metric in ("rougeL", "exact_match"):
+            diffs = [score[name, s][metric] - score[reference, s][metric] for s in seeds]
+            mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+            half = T_975[min(len(diffs) - 1, len(T_975)) - 1] * std / len(diffs) ** 0.5
+            entry[metric] = {
+                "mean": round(mean, 2),
+                "std": round(std, 2),
+                "per_seed": [round(d, 2) for d in diffs],
+                "ci95": [round(mean - half, 2), round(mean + half, 2)],
+                "beyond_noise": mean - half > 0 or mean + half < 0,
+            }
+        out[name] = entry
+    return out
+
+
 def format_cell(cell: dict) -> str:
     return "failed" if cell["mean"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
@@ -233,7 +263,22 @@ def main() -> None:
         print(f"{name:<30} " + " ".join(f"{format_cell(c):>13}" for c in cells))
         for seed, error in entry["failed"].items():
             print(f"  seed {seed} failed: {error}")
-    report = {"overrides": base_overrides, "seeds": args.seeds, "summary": summary, "results": runs}
+    differences = paired_differences(runs)
+    if differences:
+        print("TAGI ROUGE-L minus the full method's, paired by seed (mean ± std, 95 % t interval):")
+        for name, entry in differences.items():
+            cell = entry["rougeL"]
+            verdict = "beyond noise" if cell["beyond_noise"] else "within noise"
+            print(
+                f"  {name:<28} {cell['mean']:+6.1f} ± {cell['std']:.1f}  [{cell['ci95'][0]:+.1f}, {cell['ci95'][1]:+.1f}]  {verdict}"
+            )
+    report = {
+        "overrides": base_overrides,
+        "seeds": args.seeds,
+        "summary": summary,
+        "paired_differences_vs_full": differences,
+        "results": runs,
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -252,3 +252,26 @@ def test_quality_over_seeds_reports_mean_std_and_the_bar(tmp_path):
     # A two-step tiny run learns nothing: the bar must be reported as not met, not passed by default.
     assert report["quality_bar"]["met"] is False and "quality bar" in proc.stdout and "NOT met" in proc.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_paired_differences_against_the_full_method():
+    from bench.ablation import paired_differences
+
+    def run(variant, seed, rouge, failed=False):
+        if failed:
+            return {"variant": variant, "seed": seed, "error": "FloatingPointError: diverged"}
+        return {"variant": variant, "seed": seed, "rows": {"tagi": {"rougeL": rouge, "exact_match": rouge / 2}}}
+
+    # The seeds' levels differ by far more than the variants do; pairing by seed removes them.
+    runs = [run("full", 0, 30.0), run("full", 1, 20.0), run("full", 2, 40.0), run("full", 3, 10.0)]
+    runs += [run("worse", 0, 27.0), run("worse", 1, 17.5), run("worse", 2, 36.5), run("worse", 3, 7.0)]
+    runs += [run("same", 0, 31.0), run("same", 1, 19.0), run("same", 2, 40.5), run("same", 3, 9.0, failed=True)]
+    diffs = paired_differences(runs)
+    assert set(diffs) == {"worse", "same"}
+    worse, same = diffs["worse"]["rougeL"], diffs["same"]["rougeL"]
+    assert worse["per_seed"] == [-3.0, -2.5, -3.5, -3.0] and worse["mean"] == -3.0
+    assert worse["ci95"][1] < 0 and worse["beyond_noise"] is True
+    assert diffs["same"]["seeds"] == [0, 1, 2]  # the failed seed is left out
+    assert same["per_seed"] == [1.0, -1.0, 0.5] and same["ci95"][0] < 0 < same["ci95"][1]
+    assert same["beyond_noise"] is False
+    assert diffs["worse"]["exact_match"]["mean"] == -1.5
