@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .config import TagiConfig
 from .data.pretraining import pretraining_dataset
-from .data.synthetic import CONNECTIVES, EVAL_FAMILIES, LEXICON, SyntheticSuite, render_output, suite_tokenizer
+from .data.synthetic import EVAL_FAMILIES, LEXICON, SyntheticSuite, render_output, suite_tokenizer
 from .metrics import compute_sni_metrics
 from .teachers import load_teachers
 from .trainer import TagiTrainer, TagiTrainingArguments
@@ -374,7 +374,7 @@ def training_wording_examples(suite: SyntheticSuite, examples: list[dict]) -> li
     families are): the reference for how much the evaluation-only wordings cost."""
     out = []
     for i, e in enumerate(examples):
-        wordings = suite.task(e["task_name"]).instructions(train=True)[: len(CONNECTIVES)]  # as split="eval" has
+        wordings = suite.task(e["task_name"]).canonical_instructions()
         out.append({**e, "instruction": wordings[i % len(wordings)]})
     return out
 

@@ -300,6 +300,11 @@ class SyntheticTask:
         ]
         return list(dict.fromkeys(aligned + mixed))
 
+    def canonical_instructions(self) -> list[str]:
+        """The canonical training wordings, one per training connective (the evaluation wordings of a training
+        task, and the training-wording reference of a held-out one)."""
+        return self.instructions(train=True)[: len(CONNECTIVES)]
+
     def apply(self, words: Sequence[str]) -> str:
         """The target output for the input `words` (a list of lexicon words)."""
         result = list(words)
@@ -513,7 +518,7 @@ class SyntheticSuite:
             elif task.heldout:
                 instructions = task.instructions(train=False)
             else:
-                instructions = task.instructions(train=True)[: len(CONNECTIVES)]
+                instructions = task.canonical_instructions()
             # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and platforms.
             rng = random.Random(f"synthetic-examples-{self.seed}-{seed}-{split}-{task.name}")
             seen: set[tuple[str, ...]] = set()
