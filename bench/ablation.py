@@ -214,18 +214,22 @@ def paired_differences(runs: list[dict], reference: str = "full") -> dict[str, d
             continue
         entry = {"seeds": seeds}
         for metric in ("rougeL", "exact_match"):
-            diffs = [score[name, s][metric] - score[reference, s][metric] for s in seeds]
-            mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
-            half = T_975[min(len(diffs) - 1, len(T_975)) - 1] * std / len(diffs) ** 0.5
-            entry[metric] = {
-                "mean": round(mean, 2),
-                "std": round(std, 2),
-                "per_seed": [round(d, 2) for d in diffs],
-                "ci95": [round(mean - half, 2), round(mean + half, 2)],
-                "beyond_noise": mean - half > 0 or mean + half < 0,
-            }
+            entry[metric] = paired_interval([score[name, s][metric] - score[reference, s][metric] for s in seeds])
         out[name] = entry
     return out
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Per-seed differences (at least 2) -> mean, sample std, a 95 % t interval and whether it excludes 0."""
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = T_975[min(len(diffs) - 1, len(T_975)) - 1] * std / len(diffs) ** 0.5
+    return {
+        "mean": round(mean, 2),
+        "std": round(std, 2),
+        "per_seed": [round(d, 2) for d in diffs],
+        "ci95": [round(mean - half, 2), round(mean + half, 2)],
+        "beyond_noise": mean - half > 0 or mean + half < 0,
+    }
 
 
 def format_cell(cell: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -279,3 +280,31 @@ def test_task_adapter_from_instruction_warns_and_equals_generate_adapter(caplog)
     assert "unknown" not in caplog.text
     with pytest.raises(ValueError, match="instruction is empty"):
         TaskAdapter.from_instruction(model, tokenizer, "  ")
+
+
+def test_base_pretraining_cuts_half_the_demonstrations_at_output():
+    """The base reads "step: words output:" and writes the result for about half the demonstrations; every other
+    text is cut at a random word (a real forward/backward pass per step on a tiny T5)."""
+    from peft_tagi.data.synthetic import SyntheticSuite, suite_tokenizer
+    from peft_tagi.quickstart import QuickstartConfig, build_base_model, demonstration_texts, pretrain_base
+
+    suite = SyntheticSuite(seed=0)
+    tokenizer = suite_tokenizer(suite)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def recording(texts, **kwargs):
+        seen.append(list(texts))
+        return tokenizer(texts, **kwargs)
+
+    config = dataclasses.replace(QuickstartConfig.fast(), base_steps=6, batch_size=32)
+    demos = demonstration_texts(suite, 200, seed=0)
+    model = build_base_model(len(tokenizer), config)
+    losses = pretrain_base(model, recording, demos, config)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    prefixes = [p for batch in seen[0::2] for p in batch]
+    targets = [t for batch in seen[1::2] for t in batch]
+    at_output = [(p, t) for p, t in zip(prefixes, targets) if p.endswith(" output:")]
+    assert 0.3 < len(at_output) / len(prefixes) < 0.7
+    for prefix, target in at_output:
+        assert f"{prefix} {target}" in demos  # the whole result is the target
+    assert all(f"{p} {t}" in demos for p, t in zip(prefixes, targets))
