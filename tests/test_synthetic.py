@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from peft_tagi.data.synthetic import (
+    CANONICAL_CONNECTIVES,
+    CONNECTIVES,
     EMPTY_OUTPUT,
     EVAL_FAMILIES,
     KIND_OF,
@@ -110,6 +114,17 @@ def test_paraphrases_and_eval_only_family(suite):
         assert len(families) == len(EVAL_FAMILIES) == len(set(families)) == 3
         assert [r["instruction"] for r in rows if r["task_name"] == task.name] == families * 2
     assert {w for text in eval_only for w in words_of(text)} <= train_words
+    # No training connective is an evaluation-only family's structure; every connective reaches training, and the
+    # canonical wordings (the training-wording reference) are the aligned ones of the first connectives.
+    assert not set(CONNECTIVES) & set(EVAL_FAMILIES)
+    task = suite.train_tasks()[0]
+    first, second = task.steps
+    rows = suite.examples([task], 200, "train", seed=0)
+    for template in CONNECTIVES:
+        pattern = re.compile(re.sub(r"\\{[aAbB]\\}", "[a-z ]+", re.escape(template)) + "$", re.IGNORECASE)
+        assert any(pattern.match(r["instruction"]) for r in rows), template
+    assert task.canonical_instructions() == task.instructions(train=True)[:CANONICAL_CONNECTIVES]
+    assert task.canonical_instructions()[0] == CONNECTIVES[0].format(a=first.phrasings[0], b=second.phrasings[0])
     # Each family has its own phrasing of every step, none of them a training phrasing.
     for primitive in suite.primitives:
         assert len(set(primitive.eval_phrasings)) == 3 and not set(primitive.eval_phrasings) & set(primitive.phrasings)

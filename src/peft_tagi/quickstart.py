@@ -80,10 +80,12 @@ class QuickstartConfig:
     eval_instances: int = 30
     oracle_instances: int = 200
     base_steps: int = 1500
-    teacher_steps: int = 900
+    # 750 / 750 / 200 (were 900 / 900 / 300): the default run's idle wall time on 2 cores went from 13.0-13.5 min to
+    # the 12-minute budget of the embedded default (bench/results/quickstart_idle).
+    teacher_steps: int = 750
     pretrain_steps: int = 150
-    distill_steps: int = 900
-    oracle_steps: int = 300
+    distill_steps: int = 750
+    oracle_steps: int = 200
     batch_size: int = 32
     base_learning_rate: float = 1e-3
     learning_rate: float = 3e-3
@@ -143,7 +145,9 @@ def demonstration_texts(suite: SyntheticSuite, n: int, seed: int) -> list[str]:
     return texts
 
 
-def pretrain_base(model, tokenizer, texts: list[str], config: QuickstartConfig, output_cut: float = 0.5) -> list[float]:
+def pretrain_base(
+    model, tokenizer, texts: list[str], config: QuickstartConfig, output_cut: float = 0.5
+) -> list[float]:
     """Prefix language modelling on plain text: read a prefix, predict the rest (all weights train).
 
     This stands in for the C4 pretraining of the paper's T5-LM-adapt: the base learns the suite's language (words,

@@ -211,12 +211,21 @@ PRIMITIVES: tuple[Primitive, ...] = (
 )
 
 # Connectives join two phrasings ({a}: first step, {b}: second step; {A} is {a} capitalised). The order of the
-# steps in the sentence is always the order of execution, so no connective asks the model to invert it.
+# steps in the sentence is always the order of execution, so no connective asks the model to invert it. The first
+# three are one sentence each; the last three (added when the bare-sentence evaluation family scored 28 ROUGE-L
+# against 36 for the others, bench/results/wording_before.json) split the steps over sentences in ways no
+# evaluation-only family does, so that "one step per sentence" is a structure the model has seen.
 CONNECTIVES: tuple[str, ...] = (
     "First {a}, then {b}.",
     "{A}, and then {b}.",
     "Take the list of words, {a}, and after that {b}.",
+    "{A}. Next, {b}.",
+    "Step one: {a}. Step two: {b}.",
+    "Start with the list of words. {A}, and then {b}.",
 )
+# The canonical training wordings (one per task per connective) use the first three connectives only, so that the
+# training-wording reference of the wording report stays the same when connectives are added.
+CANONICAL_CONNECTIVES = 3
 # The evaluation-only families: family k joins the steps' `eval_phrasings[k]` with `EVAL_FAMILIES[k]`. Each has a
 # structure no training connective has (two sentences; a lead-in sentence and "then"; three bare sentences), still
 # in execution order.
@@ -301,9 +310,9 @@ class SyntheticTask:
         return list(dict.fromkeys(aligned + mixed))
 
     def canonical_instructions(self) -> list[str]:
-        """The canonical training wordings, one per training connective (the evaluation wordings of a training
-        task, and the training-wording reference of a held-out one)."""
-        return self.instructions(train=True)[: len(CONNECTIVES)]
+        """The canonical training wordings, one per canonical connective (`CANONICAL_CONNECTIVES`): the evaluation
+        wordings of a training task, and the training-wording reference of a held-out one."""
+        return self.instructions(train=True)[:CANONICAL_CONNECTIVES]
 
     def apply(self, words: Sequence[str]) -> str:
         """The target output for the input `words` (a list of lexicon words)."""
@@ -552,7 +561,9 @@ class SyntheticSuite:
         and held-out instructions never appear, so pretraining cannot leak the held-out split.
         """
         rng = random.Random(f"synthetic-pretraining-{self.seed}-{seed}")
-        train_instructions = [text for task in self._train for text in task.instructions(train=True)[:3]]
+        train_instructions = [
+            text for task in self._train for text in task.instructions(train=True)[: len(CONNECTIVES)]
+        ]
         step_phrasings = sorted(
             {phrasing for task in self._train for step in task.steps for phrasing in step.phrasings}
         )
