@@ -81,7 +81,7 @@ class QuickstartConfig:
     oracle_instances: int = 200
     base_steps: int = 1500
     # 750 / 750 / 200 (were 900 / 900 / 300): the default run's idle wall time on 2 cores went from 13.0-13.5 min to
-    # the 12-minute budget of the embedded default (bench/results/quickstart_idle).
+    # about 11 min, inside the embedded default's 12-minute budget (README, "Wall time").
     teacher_steps: int = 750
     pretrain_steps: int = 150
     distill_steps: int = 750
@@ -261,25 +261,8 @@ def evaluate_rows(
     with tagi_model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
         _generate(tagi_model, tokenizer, [e["input"] for e in examples[:8]])
 
-    def predict(prepare, examples) -> tuple[list[str], float]:
-        """`prepare(instruction, rows, examples)` -> (model, texts, context manager): predictions, seconds/instance."""
-        groups: dict[str, list[int]] = {}
-        for i, e in enumerate(examples):
-            groups.setdefault(e["instruction"], []).append(i)
-        predictions = [""] * len(examples)
-        elapsed = 0.0
-        for instruction, rows in groups.items():
-            start = time.perf_counter()
-            model, texts, context = prepare(instruction, rows, examples)
-            with context:
-                outputs, _ = _generate(model, tokenizer, texts)
-            elapsed += time.perf_counter() - start
-            for i, text in zip(rows, outputs):
-                predictions[i] = text
-        return predictions, elapsed / len(examples)
-
     def serve(prepare, on=examples) -> dict:
-        predictions, seconds = predict(prepare, on)
+        predictions, seconds = serve_by_instruction(prepare, on, tokenizer)
         return _score(predictions, on, seconds)
 
     def inputs(rows, on=examples):
@@ -297,21 +280,14 @@ def evaluate_rows(
     results["meta_teacher"] = serve(meta_row)
 
     adapters = {}
-
-    def tagi_row(instruction, rows, on):
-        if instruction not in adapters:
-            ids = tokenizer([instruction], return_tensors="pt").to(tagi_model.device)
-            [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
-            adapters[instruction] = adapter
-        return tagi_model, inputs(rows, on), tagi.use_adapter(adapters[instruction])
-
-    tagi_predictions, seconds = predict(tagi_row, examples)
+    tagi_row = generated_adapter_row(tagi_model, tokenizer, adapters)
+    tagi_predictions, seconds = serve_by_instruction(tagi_row, examples, tokenizer)
     results["tagi"] = _score(tagi_predictions, examples, seconds)
     if families is not None and training_wordings is not None:
         results["wording"] = wording_report(tagi_predictions, examples, families, serve(tagi_row, training_wordings))
     held_out_adapters = {e["instruction"]: adapters[e["instruction"]] for e in examples}
     if swapped:
-        predictions, seconds = predict(tagi_row, swapped)
+        predictions, seconds = serve_by_instruction(tagi_row, swapped, tokenizer)
         own = [{**e, "references": e["own_references"]} for e in swapped]
         results["instruction_swap"] = {
             "given_instruction": _score(predictions, swapped, seconds),
@@ -362,22 +338,47 @@ def wording_report(predictions: list[str], examples: list[dict], families: list[
     }
 
 
-def generated_adapter_predictions(model, tokenizer, examples: list[dict]) -> list[str]:
-    """Greedy outputs of a TAGI model for `examples`: one adapter generated per distinct instruction, all of that
-    instruction's inputs in one batch."""
-    tagi = model.base_model
+def serve_by_instruction(prepare, examples: list[dict], tokenizer) -> tuple[list[str], float]:
+    """Greedy outputs for `examples`, one distinct instruction at a time (all of its inputs in one batch).
+
+    `prepare(instruction, rows, examples)` -> (model, input texts of `rows`, context manager to generate in).
+    Returns the predictions in the order of `examples` and the seconds per instance, preparation included.
+    """
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
         groups.setdefault(e["instruction"], []).append(i)
     predictions = [""] * len(examples)
+    elapsed = 0.0
     for instruction, rows in groups.items():
-        ids = tokenizer([instruction], return_tensors="pt").to(model.device)
-        [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
-        with tagi.use_adapter(adapter):
-            outputs, _ = _generate(model, tokenizer, [examples[i]["input"] for i in rows])
+        start = time.perf_counter()
+        model, texts, context = prepare(instruction, rows, examples)
+        with context:
+            outputs, _ = _generate(model, tokenizer, texts)
+        elapsed += time.perf_counter() - start
         for i, text in zip(rows, outputs):
             predictions[i] = text
-    return predictions
+    return predictions, elapsed / max(1, len(examples))
+
+
+def generated_adapter_row(model, tokenizer, adapters: dict):
+    """A `prepare` for `serve_by_instruction` that serves TAGI: one adapter generated per instruction (kept in
+    `adapters`, instruction -> `TaskAdapter`, so that later calls reuse it), the inputs alone as model input."""
+    tagi = model.base_model
+
+    def prepare(instruction: str, rows: list[int], examples: list[dict]):
+        if instruction not in adapters:
+            ids = tokenizer([instruction], return_tensors="pt").to(model.device)
+            [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
+            adapters[instruction] = adapter
+        return model, [examples[i]["input"] for i in rows], tagi.use_adapter(adapters[instruction])
+
+    return prepare
+
+
+def generated_adapter_predictions(model, tokenizer, examples: list[dict]) -> list[str]:
+    """Greedy outputs of a TAGI model for `examples`: one adapter generated per distinct instruction, all of that
+    instruction's inputs in one batch."""
+    return serve_by_instruction(generated_adapter_row(model, tokenizer, {}), examples, tokenizer)[0]
 
 
 def paraphrase_family(suite: SyntheticSuite, example: dict) -> str:

@@ -213,8 +213,8 @@ PRIMITIVES: tuple[Primitive, ...] = (
 # Connectives join two phrasings ({a}: first step, {b}: second step; {A} is {a} capitalised). The order of the
 # steps in the sentence is always the order of execution, so no connective asks the model to invert it. The first
 # three are one sentence each; the last three (added when the bare-sentence evaluation family scored 28 ROUGE-L
-# against 36 for the others, bench/results/wording_before.json) split the steps over sentences in ways no
-# evaluation-only family does, so that "one step per sentence" is a structure the model has seen.
+# against 35.9 and 34.4 for the others, bench/results/wording_before_widening.json) split the steps over sentences
+# in ways no evaluation-only family does, so that "one step per sentence" is a structure the model has seen.
 CONNECTIVES: tuple[str, ...] = (
     "First {a}, then {b}.",
     "{A}, and then {b}.",
