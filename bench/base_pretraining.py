@@ -52,9 +52,7 @@ def _run(cut: float, seed: int, work_dir: str, threads: int, fast: bool) -> dict
     start = time.perf_counter()
     suite = SyntheticSuite(seed=seed)
     tokenizer = suite_tokenizer(suite)
-    train_tasks = suite.train_tasks()
-    left_out = train_tasks[:: max(1, len(train_tasks) // VALIDATION_TASKS)][:VALIDATION_TASKS]
-    train_tasks = [t for t in train_tasks if t not in left_out]
+    train_tasks, left_out = q.split_tasks(suite, VALIDATION_TASKS)
     n_texts = 20000 if not fast else 256
     texts = suite.pretraining_texts(n_texts, seed=seed) + q.demonstration_texts(suite, n_texts, seed)
     model = q.build_base_model(len(tokenizer), config)

@@ -290,7 +290,7 @@ def test_base_pretraining_cuts_half_the_demonstrations_at_output():
 
     suite = SyntheticSuite(seed=0)
     tokenizer = suite_tokenizer(suite)
-    seen: list[tuple[list[str], list[str]]] = []
+    seen: list[list[str]] = []  # the texts of each tokenizer call: prefixes, targets, prefixes, ...
 
     def recording(texts, **kwargs):
         seen.append(list(texts))
@@ -308,3 +308,16 @@ def test_base_pretraining_cuts_half_the_demonstrations_at_output():
     for prefix, target in at_output:
         assert f"{prefix} {target}" in demos  # the whole result is the target
     assert all(f"{p} {t}" in demos for p, t in zip(prefixes, targets))
+
+
+def test_validation_split_leaves_out_training_tasks_and_never_touches_held_out_ones():
+    from peft_tagi.data.synthetic import SyntheticSuite
+    from peft_tagi.quickstart import split_tasks
+
+    suite = SyntheticSuite(seed=0)
+    assert split_tasks(suite) == (suite.train_tasks(), suite.heldout_tasks())
+    train, left_out = split_tasks(suite, 12)
+    assert len(left_out) == 12 and len(train) == len(suite.train_tasks()) - 12
+    assert set(train) | set(left_out) == set(suite.train_tasks()) and not set(train) & set(left_out)
+    assert not (set(train) | set(left_out)) & set(suite.heldout_tasks())
+    assert len({t.primitives[0] for t in left_out}) >= 6  # spread over the primitives, not the first few tasks

@@ -440,6 +440,17 @@ def _check_reusable(folder: Path, config: QuickstartConfig) -> dict:
     return earlier
 
 
+def split_tasks(suite: SyntheticSuite, validation_tasks: int = 0) -> tuple[list, list]:
+    """(tasks to train on, tasks to evaluate): the suite's training and held-out tasks, or, with `validation_tasks`
+    > 0, the training tasks minus that many left out for validation (every k-th one, so that they spread over the
+    primitives) and those left-out tasks; the held-out tasks are then not returned at all."""
+    train_tasks = suite.train_tasks()
+    if not validation_tasks:
+        return train_tasks, suite.heldout_tasks()
+    left_out = train_tasks[:: max(1, len(train_tasks) // validation_tasks)][:validation_tasks]
+    return [t for t in train_tasks if t not in left_out], left_out
+
+
 def run_quickstart(
     output_dir: str | Path,
     config: QuickstartConfig | None = None,
@@ -476,12 +487,7 @@ def run_quickstart(
 
     suite = SyntheticSuite(seed=config.seed)
     tokenizer = suite_tokenizer(suite)
-    train_tasks, eval_tasks = suite.train_tasks(), suite.heldout_tasks()
-    if config.validation_tasks:
-        # Every k-th training task, so that the validation tasks spread over the primitives.
-        step = max(1, len(train_tasks) // config.validation_tasks)
-        eval_tasks = train_tasks[::step][: config.validation_tasks]
-        train_tasks = [t for t in train_tasks if t not in eval_tasks]
+    train_tasks, eval_tasks = split_tasks(suite, config.validation_tasks)
     train_examples = suite.examples(train_tasks, config.train_instances, split="train", seed=config.seed)
     # "eval": held-out tasks in the evaluation-only wordings, validation tasks in their canonical training wordings.
     heldout_eval = suite.examples(eval_tasks, config.eval_instances, split="eval", seed=config.seed + 1)
