@@ -263,3 +263,34 @@ def test_delete_unknown_or_merged_adapter_is_refused():
         with pytest.raises(ValueError, match="unmerge_adapter"):
             model.delete_adapter("default")
         model.unmerge_adapter()
+
+
+# ---------------------------------------------------------------- peft's conversion API
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_peft_conversion_to_lora_reproduces_the_exported_adapter(family, tmp_path):
+    """`convert_to_lora` / `save_as_lora` inside `use_adapter` give the LoRA that `TaskAdapter.save_lora` writes."""
+    from peft.tuners.lora.conversion import convert_to_lora, save_as_lora
+
+    model = tagi(family)
+    batch = make_batch(family)
+    [adapter] = model.generate_adapter(batch["instruction_input_ids"][:1], batch["instruction_attention_mask"][:1])
+    adapter.save_lora(tmp_path / "exported")
+    rank = model.peft_config["default"].r
+    with pytest.raises(ValueError, match=r"inside `with model.use_adapter\(task_adapter\):`"):
+        convert_to_lora(model, rank=rank)
+    with model.use_adapter(adapter):
+        config, state = convert_to_lora(model, rank=rank)
+        save_as_lora(tmp_path / "converted", model, rank=rank)
+    assert config.r == rank and len(state) == 2 * len(adapter.target_modules)
+    plain = {k: v for k, v in batch.items() if not k.startswith("instruction")}
+    logits = {}
+    for name in ("exported", "converted"):
+        lora = PeftModel.from_pretrained(BUILDERS[family](), tmp_path / name).eval()
+        with torch.no_grad():
+            logits[name] = lora(**plain).logits
+    with torch.no_grad():
+        base = BUILDERS[family]()(**plain).logits
+    assert (logits["converted"] - logits["exported"]).abs().max() <= 1e-5
+    assert (logits["exported"] - base).abs().max() > 1e-3  # the adapter does something

@@ -1,7 +1,7 @@
 """Serving: the instruction's keys / values projected once per task and shared (fusion.py), `use_adapter(merge=True)`.
 
 The shared route (no gradients) must give what the concatenated route gives: the reference is the same model with
-`_shares_instruction_kv` switched off, which makes every row attend to its own [instruction ; input] as in training.
+its `InstructionFusion.shares_instruction_kv` switched off, which makes every row attend to its own [instruction ; input] as in training.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def tagi(family: str, **config):
 @contextmanager
 def concatenated(model):
     """The reference route: every row projects [instruction ; input] (as with gradients)."""
-    model.base_model._shares_instruction_kv = False
+    model.base_model.fusion.shares_instruction_kv = False
     try:
         yield
     finally:
-        model.base_model._shares_instruction_kv = True
+        model.base_model.fusion.shares_instruction_kv = True
 
 
 def cross_attentions(model) -> list[torch.nn.Module]:
@@ -66,9 +66,7 @@ GENERATE = [
 @pytest.mark.parametrize("options", GENERATE, ids=["greedy", "beam", "sample_return_2", "beam_return_2"])
 def test_shared_instruction_kv_equals_concatenation_in_generate(family, options):
     model = tagi(family)
-    assert model.base_model._shares_instruction_kv and model.base_model._shared_prefix_modules == cross_attentions(
-        model
-    )
+    assert model.base_model.fusion.shares_instruction_kv and model.base_model.fusion.modules == cross_attentions(model)
     batch = make_batch(family, batch=4, seed=1)  # rows 0, 1, 2 differ in instruction: a mixed-task batch
     batch["instruction_input_ids"][3] = batch["instruction_input_ids"][0]
     batch["instruction_attention_mask"][3] = batch["instruction_attention_mask"][0]
@@ -125,7 +123,7 @@ def test_instruction_projected_once_per_task_for_all_rows_batches_and_steps():
         for start in (0, 3):  # two batches of 3 rows, 5 decoding steps each, beam search
             rows = slice(start, start + 3)
             model.generate(input_ids=batch["input_ids"][rows], max_new_tokens=5, min_new_tokens=5, num_beams=2)
-        cached = model.base_model._active.instruction_kv
+        cached = model.base_model.fusion.task.instruction_kv
     for attention in cross_attentions(model):
         # (T, H, S_ins, d): one task, its instruction's keys and values for all 4 heads
         assert cached[attention].key.shape[:3] == cached[attention].value.shape[:3] == (1, 4, ins_len)
@@ -216,8 +214,8 @@ def test_unload_restores_the_cross_attention_forward_and_deepcopy_keeps_the_rout
     with torch.no_grad():
         expected = model.generate(**kwargs, **options)
         twin = copy.deepcopy(model)
-        assert twin.base_model._shared_prefix_modules == cross_attentions(twin)
-        assert all(m.forward.func.__self__ is twin.base_model for m in cross_attentions(twin))
+        assert twin.base_model.fusion.modules == cross_attentions(twin)
+        assert all(m.forward.func.__self__ is twin.base_model.fusion for m in cross_attentions(twin))
         assert torch.equal(twin.generate(**kwargs, **options), expected)
     attentions = cross_attentions(model)
     model.unload()

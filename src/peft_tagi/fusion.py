@@ -14,17 +14,25 @@ and read per row at every decoding step. On the serving route (no gradients) the
   over the concatenation.
 
 Training keeps the concatenated route: gradients must reach the instruction states of each row.
+
+`InstructionFusion` is the mechanism as one object: it installs itself on a model (the decoder's pre-hook and the
+cross-attention forwards), chooses the route at each decoder call, and removes itself.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.utils import logging
 
-from .layer import TagiLinear
+from .layer import TagiLinear, TaskWeights
+
+logger = logging.get_logger(__name__)
 
 # The attention implementations whose cross-attention mask `shared_prefix_attention` reads: None, boolean (True:
 # attend) or additive float. Others (flash, flex) keep the concatenated route.
@@ -256,3 +264,148 @@ def shared_prefix_cross_attention(
         )  # fmt: skip
     output = getattr(module, layout.output)(output.reshape(*input_shape, -1))
     return output, weights
+
+
+class InstructionFusion:
+    """Instruction fusion on one encoder-decoder model: the decoder cross-attends to [instruction ; input].
+
+    Installing it registers a forward pre-hook on the decoder and, for the model families of `CROSS_ATTENTION_LAYOUTS`
+    whose cross-attention has no position bias, replaces the `forward` of each decoder cross-attention module by an
+    instance attribute (as accelerate's hooks do: the modules, their parameters and state dict keys stay transformers'
+    own) that wraps whatever forward the module had. `remove()` puts every forward back and removes the hook.
+
+    The owner tells it what to attend to: `task` (the applied `TaskWeights`, whose `states` and `states_mask` are the
+    instructions, or None) and `enabled` (False inside `disable_adapter()`). Before each decoder call the instruction
+    part takes one of two routes, with equal outputs:
+
+    - without gradients (generation, evaluation) in eval mode, with a known cross-attention layout and eager or sdpa
+      attention: the decoder gets the encoder states alone and each cross-attention module adds the instruction's keys
+      and values, projected once per task and shared by every row (`shared_prefix_cross_attention`). Serving pays for
+      the instruction once per task, not once per row and decoding step;
+    - otherwise every row attends to its concatenation, built by the pre-hook. Training generates new weights at every
+      step, so nothing could be reused across calls, and gradients must reach each row's instruction states.
+
+    Args:
+        model: the encoder-decoder transformers model (`get_decoder()` and `config.model_type`).
+
+    Attributes:
+        modules (`list[nn.Module]`): the cross-attention modules that take the shared route.
+        shares_instruction_kv (`bool`): whether the shared route is taken at all (False: every row always attends to
+            its own concatenation, which is also the reference the shared route is tested against).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.task: TaskWeights | None = None
+        self.enabled = True
+        # Task of every decoder row while the cross-attention modules attend to the shared instruction keys and values
+        # (set by the pre-hook at each decoder call; None when the decoder reads the concatenation).
+        self._rows: torch.Tensor | None = None
+        decoder = model.get_decoder()
+        self._handle = decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        layout = CROSS_ATTENTION_LAYOUTS.get(model.config.model_type)
+        suffix = None if layout is None else f".{layout.module_suffix}"
+        modules = [m for name, m in decoder.named_modules() if suffix is not None and name.endswith(suffix)]
+        if any(getattr(m, "has_relative_attention_bias", False) for m in modules):
+            modules = []  # a position bias over the instruction's keys: only the concatenation has it right
+        # The forward each module had as an instance attribute before (an accelerate hook's, for one), or None.
+        self._previous_forwards: list[Callable | None] = []
+        for module in modules:
+            self._previous_forwards.append(vars(module).get("forward"))
+            module.forward = functools.partial(self._cross_attention_forward, module, layout, module.forward)
+        self.modules = modules
+        self.shares_instruction_kv = bool(modules)
+        if not modules:
+            logger.info(
+                f"Instruction fusion on {type(model).__name__}: its cross-attention is not in CROSS_ATTENTION_LAYOUTS, "
+                "so every row attends to its own copy of the instruction (correct, slower)."
+            )
+
+    def remove(self) -> None:
+        """Uninstall: the decoder and its cross-attention modules get their own forwards back."""
+        self._handle.remove()
+        for module, previous in zip(self.modules, self._previous_forwards):
+            if previous is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = previous
+        self.modules, self._previous_forwards = [], []
+        self.shares_instruction_kv = False
+        self.task, self._rows = None, None
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Before each decoder call: the decoder attends to [instruction states ; encoder states] of each row's task."""
+        self._rows = None
+        task = self.task
+        encoder_states = kwargs.get("encoder_hidden_states")
+        if task is None or task.states is None or not self.enabled or encoder_states is None:
+            return None
+        n_rows = encoder_states.shape[0]
+        index = task.row_index
+        if index is None:
+            index = torch.zeros(1, dtype=torch.long, device=encoder_states.device)
+        if n_rows % index.shape[0]:
+            raise ValueError(f"The decoder got {n_rows} rows for {index.shape[0]} instructions.")
+        # Beam search and num_return_sequences repeat each row consecutively.
+        index = index.repeat_interleave(n_rows // index.shape[0])
+        if (
+            self.shares_instruction_kv
+            and not torch.is_grad_enabled()
+            and not module.training
+            # the implementation the cross-attention modules themselves read (T5's decoder has its own config)
+            and self.modules[0].config._attn_implementation in SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS
+        ):
+            self._rows = index
+            return None
+        if index.shape[0] > 1 and task.states.shape[0] == 1:
+            states, states_mask = task.states.expand(n_rows, -1, -1), task.states_mask.expand(n_rows, -1)
+        else:
+            states, states_mask = task.states[index], task.states_mask[index]
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
+        kwargs["encoder_hidden_states"] = torch.cat([states.to(encoder_states.dtype), encoder_states], dim=1)
+        kwargs["encoder_attention_mask"] = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
+        return args, kwargs
+
+    def _cross_attention_forward(
+        self,
+        module: nn.Module,
+        layout: CrossAttentionLayout,
+        own_forward: Callable,
+        hidden_states: torch.Tensor,
+        *args,
+        **kwargs,
+    ):
+        """The forward of a decoder cross-attention module: its own (`own_forward`), or, while the pre-hook chose the
+        shared route for this decoder call, attention over [instruction ; input] with the instruction's keys and
+        values projected once per task and cross-attention module (cached in the applied `TaskWeights`)."""
+        rows = self._rows
+        if rows is None:
+            return own_forward(hidden_states, *args, **kwargs)
+        if args:
+            raise TypeError(
+                f"{type(module).__name__} was called with positional arguments {len(args)} after hidden_states; TAGI's "
+                "shared instruction attention expects keywords, as transformers' decoder layers pass them."
+            )
+        key_value_states = kwargs.pop("key_value_states", None)
+        if key_value_states is None:
+            raise ValueError(f"{type(module).__name__} is a cross-attention module but got no key_value_states.")
+        if rows.shape[0] != key_value_states.shape[0]:
+            raise ValueError(
+                f"A cross-attention module got {key_value_states.shape[0]} rows but the decoder call {rows.shape[0]}."
+            )
+        mask = kwargs.pop(layout.mask_argument, None)
+        cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
+        position_bias = kwargs.pop("position_bias", None)
+        task = self.task
+        instruction = task.instruction_kv.get(module)
+        dtype, device = key_value_states.dtype, key_value_states.device
+        if instruction is None or instruction.key.dtype != dtype or instruction.key.device != device:
+            states = task.states.to(device=device, dtype=dtype)
+            instruction = project_instruction(module, layout, states, task.states_mask.to(device))
+            task.instruction_kv[module] = instruction
+        output, weights = shared_prefix_cross_attention(
+            module, layout, instruction, rows, hidden_states, key_value_states, mask, cache, **kwargs
+        )
+        # T5's cross-attention has no relative position bias (checked when installed): pass on what came in.
+        return (output, position_bias, weights) if layout.returns_position_bias else (output, weights)

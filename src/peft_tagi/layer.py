@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
@@ -11,6 +12,26 @@ from transformers.pytorch_utils import Conv1D
 
 if TYPE_CHECKING:
     from .config import TagiConfig
+
+
+@dataclass
+class TaskWeights:
+    """LoRA weights for the rows of a batch, as the TAGI layers (and, with instruction fusion, the decoder) apply them.
+
+    Produced by the hypernetwork (`TagiModel.task_weights_from_instructions`), a `TaskAdapter` or a bank of teacher
+    LoRAs; applied with `TagiModel.apply_task_weights`. `states` (instruction fusion) is None when the decoder should
+    not see an instruction.
+
+    `instruction_kv` is instruction fusion's cache (`fusion.InstructionFusion`): for every cross-attention module of the
+    decoder, each task's instruction projected to its keys and values, computed at the first decoder call under these
+    weights and reused by every row, batch and decoding step while they are applied.
+    """
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
+    row_index: torch.Tensor | None  # (batch,) or None for one task
+    states: torch.Tensor | None  # (T, S, d) fusion states or None
+    states_mask: torch.Tensor | None  # (T, S)
+    instruction_kv: dict[nn.Module, Any] = field(default_factory=dict, repr=False)
 
 
 class TagiLinear(nn.Module, BaseTunerLayer):
@@ -82,6 +103,24 @@ class TagiLinear(nn.Module, BaseTunerLayer):
             )
         delta = (self._task_B[0] @ self._task_A[0]) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
+
+    # peft's conversion API (`peft.tuners.lora.conversion.convert_to_lora` / `save_as_lora`) asks every tuner layer
+    # these two. A TAGI layer holds whatever task weights are installed, so it converts exactly one task's: the one
+    # of a `use_adapter` block. ΔW = s·B·A has rank r, so converting at rank >= r reproduces it exactly. As for a
+    # `save_lora` folder loaded by plain peft, the converted LoRA carries no instruction fusion.
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        if self._task_A is None or self._task_A.shape[0] != 1 or self._row_index is not None:
+            raise ValueError(
+                "A TAGI model converts to LoRA one task at a time: call convert_to_lora / save_as_lora inside "
+                "`with model.use_adapter(task_adapter):` (TaskAdapter.save_lora writes the same LoRA directly)."
+            )
+        if adapter_name not in self.active_adapters:
+            raise ValueError(f"This TAGI model's adapter is {self.active_adapters[0]!r}, not {adapter_name!r}.")
+        return True
+
+    def get_delta_weight(self, adapter_name: str = "default") -> torch.Tensor:
+        """ΔW of the task installed by `use_adapter`, shaped like the base weight (peft's conversion API)."""
+        return self.delta_weight()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if self.merged:

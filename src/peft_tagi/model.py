@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TaskType
 from torch import nn
 from transformers.utils import logging
@@ -18,16 +16,9 @@ from transformers.utils import logging
 from .adapter import TaskAdapter
 from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
-from .fusion import (
-    CROSS_ATTENTION_LAYOUTS,
-    SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS,
-    CrossAttentionLayout,
-    InstructionKV,
-    project_instruction,
-    shared_prefix_cross_attention,
-)
+from .fusion import InstructionFusion
 from .hypernetwork import TagiHypernetwork, TargetSpec
-from .layer import TagiLinear, dispatch_default
+from .layer import TagiLinear, TaskWeights, dispatch_default
 
 logger = logging.get_logger(__name__)
 
@@ -44,26 +35,6 @@ class EncodedInstructions:
     attention_mask: torch.Tensor
     states: torch.Tensor
     row_index: torch.Tensor
-
-
-@dataclass
-class TaskWeights:
-    """LoRA weights for the rows of a batch, as the TAGI layers and the fusion hook apply them.
-
-    Produced by the hypernetwork (`task_weights_from_instructions`), a `TaskAdapter` or a bank of teacher LoRAs;
-    applied with `TagiModel.apply_task_weights`. `states` (instruction fusion) is None when the decoder should not
-    see an instruction.
-
-    `instruction_kv` caches, for every cross-attention module of the decoder, each task's instruction projected to its
-    keys and values (see `fusion.py`): computed at the first decoder call without gradients under these weights and
-    reused by every row, batch and decoding step while they are applied.
-    """
-
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A (T, r, in), B (T, out, r))
-    row_index: torch.Tensor | None  # (batch,) or None for one task
-    states: torch.Tensor | None  # (T, S, d) fusion states or None
-    states_mask: torch.Tensor | None  # (T, S)
-    instruction_kv: dict[nn.Module, InstructionKV] = field(default_factory=dict, repr=False)
 
 
 class TagiModel(BaseTuner):
@@ -104,15 +75,8 @@ class TagiModel(BaseTuner):
         self._active: TaskWeights | None = None
         self._adapters_enabled = True
         self.last_task_weights: TaskWeights | None = None
-        self._fusion_handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Task of every decoder row while the cross-attention modules attend to the shared instruction keys and
-        # values (set by `_fusion_pre_hook` at each decoder call; None when the decoder reads the concatenation).
-        self._fusion_rows: torch.Tensor | None = None
-        self._shares_instruction_kv = False
-        # Cross-attention modules whose forward is `_cross_attention_forward`, and the forward each had as an instance
-        # attribute before (an accelerate hook's, for one), or None: put back on unload.
-        self._shared_prefix_modules: list[nn.Module] = []
-        self._previous_forwards: list[Callable | None] = []
+        # With instruction fusion: the decoder's cross-attention over [instruction ; input] (fusion.py).
+        self.fusion: InstructionFusion | None = None
         self._layers: dict[str, TagiLinear] = {}
         self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
@@ -148,14 +112,12 @@ class TagiModel(BaseTuner):
         # Each dispatcher returns a layer for the targets it knows, or None. The first match wins, so the backends
         # whose layers subclass nn.Linear (bitsandbytes) come before the plain default.
         dispatchers = []
-        if is_bnb_available():  # imported lazily: bitsandbytes is optional
-            from .bnb import dispatch_bnb_8bit
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if type(base_layer).__module__.startswith("bitsandbytes."):
+            # Only a quantized base brings bitsandbytes layers; importing it for any other model costs a second.
+            from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 
-            dispatchers.append(dispatch_bnb_8bit)
-        if is_bnb_4bit_available():
-            from .bnb import dispatch_bnb_4bit
-
-            dispatchers.append(dispatch_bnb_4bit)
+            dispatchers += [dispatch_bnb_8bit, dispatch_bnb_4bit]
         dispatchers.append(dispatch_default)
         for dispatcher in dispatchers:
             new_module = dispatcher(target, adapter_name, config=peft_config)
@@ -187,34 +149,17 @@ class TagiModel(BaseTuner):
         hypernetwork.requires_grad_(not config.inference_mode)
         self.tagi_hypernetwork = nn.ModuleDict({adapter_name: hypernetwork})
         if config.instruction_fusion:
-            decoder = model.get_decoder()
-            self._fusion_handles.append(decoder.register_forward_pre_hook(self._fusion_pre_hook, with_kwargs=True))
-            layout = CROSS_ATTENTION_LAYOUTS.get(model.config.model_type)
-            suffix = None if layout is None else f".{layout.module_suffix}"
-            modules = [m for name, m in decoder.named_modules() if suffix is not None and name.endswith(suffix)]
-            if any(getattr(m, "has_relative_attention_bias", False) for m in modules):
-                modules = []  # a position bias over the instruction's keys: only the concatenation has it right
-            for module in modules:
-                # An instance attribute, as accelerate's hooks do: the module, its parameters and state dict keys stay
-                # transformers' own. It wraps whatever forward the module had; `_unload_and_optionally_merge` puts
-                # that back.
-                self._previous_forwards.append(vars(module).get("forward"))
-                module.forward = functools.partial(self._cross_attention_forward, module, layout, module.forward)
-            self._shared_prefix_modules = modules
-            self._shares_instruction_kv = bool(modules)
-            if not modules:
-                logger.info(
-                    f"Instruction fusion on {type(model).__name__}: its cross-attention is not in "
-                    "CROSS_ATTENTION_LAYOUTS, so every row attends to its own copy of the instruction (correct, slower)."
-                )
+            self.fusion = InstructionFusion(model)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # Model-level containers are ModuleDicts keyed by adapter name; checkpoints store them without it.
-        for container in ("tagi_hypernetwork", "tagi_teachers"):
-            marker = f"{container}.{adapter_name}."
-            if marker in key:
-                return key.replace(marker, f"{container}.", 1)
+        # peft's per-key hook (used both ways, saving and loading). Model-level containers (`tagi_hypernetwork`, and
+        # whatever else is attached under the method's prefix, such as a trainer's teacher bank) are ModuleDicts keyed
+        # by adapter name; checkpoints store them without it.
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith(cls.prefix) and parts[i + 1] == adapter_name:
+                return ".".join(parts[: i + 1] + parts[i + 2 :])
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     # ------------------------------------------------------------------ properties
@@ -223,12 +168,19 @@ class TagiModel(BaseTuner):
         return self.peft_config[self.active_adapters[0]]
 
     @property
+    def tagi_layers(self) -> dict[str, TagiLinear]:
+        """The TAGI layers by module path in the base model, in the order of the hypernetwork's module embeddings."""
+        return dict(self._layers)
+
+    @property
     def hypernetwork(self) -> TagiHypernetwork:
         return self.tagi_hypernetwork[self.active_adapters[0]]
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         self._adapters_enabled = enabled
+        if self.fusion is not None:
+            self.fusion.enabled = enabled
 
     # ------------------------------------------------------------------ instruction encoding
     def _prepare_instruction_batch(
@@ -306,7 +258,8 @@ class TagiModel(BaseTuner):
 
     # ------------------------------------------------------------------ installing task weights
     def _install(self, active: TaskWeights | None) -> None:
-        self._fusion_rows = None
+        if self.fusion is not None:
+            self.fusion.task = active
         for name, layer in self._layers.items():
             if active is None:
                 layer.set_task_weights(None, None)
@@ -421,95 +374,6 @@ class TagiModel(BaseTuner):
                 self._active = previous
             else:
                 self._install(previous)
-
-    def _fusion_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Before each decoder call: the decoder attends to [instruction states ; encoder states] of each row's task.
-
-        The instruction part takes one of two routes, with equal outputs:
-
-        - without gradients (generation, evaluation) in eval mode, when this model family's cross-attention is known
-          (`fusion.CROSS_ATTENTION_LAYOUTS`) and runs eager or sdpa attention: the decoder gets the encoder states
-          alone and each cross-attention module adds the instruction's keys and values, projected once per task and
-          shared by every row (`_cross_attention_forward`). Serving pays for the instruction once per task, not once
-          per row and decoding step;
-        - otherwise every row attends to its concatenation, built here. Training generates new weights at every
-          step, so nothing could be reused across calls, and gradients must reach each row's instruction states.
-        """
-        self._fusion_rows = None
-        active = self._active
-        encoder_states = kwargs.get("encoder_hidden_states")
-        if active is None or active.states is None or not self._adapters_enabled or encoder_states is None:
-            return None
-        n_rows = encoder_states.shape[0]
-        index = active.row_index
-        if index is None:
-            index = torch.zeros(1, dtype=torch.long, device=encoder_states.device)
-        if n_rows % index.shape[0]:
-            raise ValueError(f"The decoder got {n_rows} rows for {index.shape[0]} instructions.")
-        # Beam search and num_return_sequences repeat each row consecutively.
-        index = index.repeat_interleave(n_rows // index.shape[0])
-        if (
-            self._shares_instruction_kv
-            and not torch.is_grad_enabled()
-            and not module.training
-            # the implementation the cross-attention modules themselves read (T5's decoder has its own config)
-            and self._shared_prefix_modules[0].config._attn_implementation in SHARED_PREFIX_ATTENTION_IMPLEMENTATIONS
-        ):
-            self._fusion_rows = index
-            return None
-        if index.shape[0] > 1 and active.states.shape[0] == 1:
-            states, states_mask = active.states.expand(n_rows, -1, -1), active.states_mask.expand(n_rows, -1)
-        else:
-            states, states_mask = active.states[index], active.states_mask[index]
-        encoder_mask = kwargs.get("encoder_attention_mask")
-        if encoder_mask is None:
-            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)
-        kwargs["encoder_hidden_states"] = torch.cat([states.to(encoder_states.dtype), encoder_states], dim=1)
-        kwargs["encoder_attention_mask"] = torch.cat([states_mask.to(encoder_mask.dtype), encoder_mask], dim=1)
-        return args, kwargs
-
-    def _cross_attention_forward(
-        self,
-        module: nn.Module,
-        layout: CrossAttentionLayout,
-        own_forward: Callable,
-        hidden_states: torch.Tensor,
-        *args,
-        **kwargs,
-    ):
-        """The forward of a decoder cross-attention module: its own (`own_forward`), or, while `_fusion_pre_hook` chose the shared
-        route for this decoder call, attention over [instruction ; input] with the instruction's keys and values
-        projected once per task and cross-attention module (cached in the applied `TaskWeights`)."""
-        rows = self._fusion_rows
-        if rows is None:
-            return own_forward(hidden_states, *args, **kwargs)
-        if args:
-            raise TypeError(
-                f"{type(module).__name__} was called with positional arguments {len(args)} after hidden_states; TAGI's "
-                "shared instruction attention expects keywords, as transformers' decoder layers pass them."
-            )
-        key_value_states = kwargs.pop("key_value_states", None)
-        if key_value_states is None:
-            raise ValueError(f"{type(module).__name__} is a cross-attention module but got no key_value_states.")
-        if rows.shape[0] != key_value_states.shape[0]:
-            raise ValueError(
-                f"A cross-attention module got {key_value_states.shape[0]} rows but the decoder call {rows.shape[0]}."
-            )
-        mask = kwargs.pop(layout.mask_argument, None)
-        cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
-        position_bias = kwargs.pop("position_bias", None)
-        active = self._active
-        instruction = active.instruction_kv.get(module)
-        dtype, device = key_value_states.dtype, key_value_states.device
-        if instruction is None or instruction.key.dtype != dtype or instruction.key.device != device:
-            states = active.states.to(device=device, dtype=dtype)
-            instruction = project_instruction(module, layout, states, active.states_mask.to(device))
-            active.instruction_kv[module] = instruction
-        output, weights = shared_prefix_cross_attention(
-            module, layout, instruction, rows, hidden_states, key_value_states, mask, cache, **kwargs
-        )
-        # T5's cross-attention has no relative position bias (checked when installed): pass on what came in.
-        return (output, position_bias, weights) if layout.returns_position_bias else (output, weights)
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -650,9 +514,9 @@ class TagiModel(BaseTuner):
             )
         self._unload_and_optionally_merge(merge=False)
         del self.peft_config[adapter_name]
-        for container in ("tagi_hypernetwork", "tagi_teachers"):
-            if container in self._modules and adapter_name in self._modules[container]:
-                del self._modules[container][adapter_name]
+        for name, container in self._modules.items():
+            if name.startswith(self.prefix) and isinstance(container, nn.ModuleDict) and adapter_name in container:
+                del container[adapter_name]
         self._checkpointable = []
         self.active_adapter = []
 
@@ -670,17 +534,9 @@ class TagiModel(BaseTuner):
                     "adapter.",
                     stacklevel=3,
                 )
-        for handle in self._fusion_handles:
-            handle.remove()
-        self._fusion_handles = []
-        for module, previous in zip(self._shared_prefix_modules, self._previous_forwards):
-            if previous is None:
-                del module.forward  # back to the class's forward
-            else:
-                module.forward = previous
-        self._shared_prefix_modules, self._previous_forwards = [], []
-        self._fusion_rows = None
-        self._shares_instruction_kv = False
+        if self.fusion is not None:
+            self.fusion.remove()
+            self.fusion = None
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
         for layer in self._layers.values():
             layer.set_task_weights(None, None)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapter import TaskAdapter
 from .hypernetwork import TargetSpec
-from .model import TaskWeights
+from .layer import TaskWeights
 from .serialization import atomic_write_dir
 
 TEACHERS_INDEX = "teachers.json"

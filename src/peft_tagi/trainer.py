@@ -15,15 +15,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK, TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .data.collator import STUDENT_KEYS, TagiDataCollator
 from .data.example import EXAMPLE_KEYS
+from .layer import TaskWeights
 from .losses import bank_alignment_loss, kd_kl_loss, label_token_logits
-from .model import TagiModel, TaskWeights
+from .model import TagiModel
 from .serialization import overwrite_allowed
 from .teachers import TeacherLoras, load_teachers, save_teachers
 
@@ -132,6 +135,31 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+class StageProgressCallback(ProgressCallback):
+    """transformers' progress bar, labelled with the stage (or `run_name`), the latest loss terms shown on the bar.
+
+    The stock callback writes every log dict as a line under the bar; a run of several stages then prints dozens of
+    them. Here the bar carries the latest losses, and the dict goes to the logger at DEBUG.
+    """
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc=self.label, dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        losses = {k: v for k, v in logs.items() if k == "loss" or k.startswith("loss_")}
+        if losses:
+            self.training_bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
+        logger.debug(f"{self.label} step {state.global_step}: {logs}")
+
+
 def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
@@ -229,6 +257,8 @@ class TagiTrainer(Seq2SeqTrainer):
                 "needs GPUs (or NPUs, XPUs, ...). Drop --fsdp / fsdp= / accelerate's --use_fsdp to train with DDP on "
                 "this machine."
             )
+        if self.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None:
+            self.add_callback(StageProgressCallback(args.run_name or args.stage))
         self._prepare_teachers(tagi)
 
     # ------------------------------------------------------------------ set-up
@@ -241,7 +271,7 @@ class TagiTrainer(Seq2SeqTrainer):
             tagi.tagi_teachers = torch.nn.ModuleDict({adapter_name: teachers})
             tagi.tagi_hypernetwork.requires_grad_(False)
         else:
-            if "tagi_teachers" in tagi._modules:
+            if "tagi_teachers" in dict(tagi.named_children()):
                 del tagi.tagi_teachers
             tagi.tagi_hypernetwork.requires_grad_(True)
 
@@ -253,7 +283,7 @@ class TagiTrainer(Seq2SeqTrainer):
             # The meta-train teacher reads instruction + input itself: no fusion states.
             self._meta_weights = tagi.task_weights_from_adapter(self._meta_adapter.to(device), fusion=False)
         if self._bank_adapters:
-            for name in tagi._layers:
+            for name in tagi.tagi_layers:
                 lora_A = torch.stack([a.lora_A[name] for a in self._bank_adapters.values()]).to(device)
                 lora_B = torch.stack([a.lora_B[name] for a in self._bank_adapters.values()]).to(device)
                 self._bank_weights[name] = (lora_A, lora_B)
@@ -445,7 +475,7 @@ class TagiTrainer(Seq2SeqTrainer):
     def save_teachers(self, path: str | os.PathLike | None = None) -> Path:
         """Write the meta-train LoRA and every bank LoRA as standard PEFT LoRA folders (stage 'teachers')."""
         tagi = tagi_model_of(self.model)
-        if "tagi_teachers" not in tagi._modules:
+        if "tagi_teachers" not in dict(tagi.named_children()):
             raise ValueError("No teachers to save: this trainer is not in stage 'teachers'.")
         path = Path(path or self.args.teachers_output_dir or Path(self.args.output_dir) / "teachers")
         saved = save_teachers(
@@ -484,7 +514,7 @@ class TagiTrainer(Seq2SeqTrainer):
 
     def _generation_metrics(self, eval_prediction) -> dict[str, float]:
         """SNI ROUGE-L and exact match (Tk-Instruct normalisation), mean and per task."""
-        from .metrics import sni_metric
+        from .metric_modules import sni_metric
 
         tokenizer = self.processing_class
         predictions = np.where(eval_prediction.predictions < 0, tokenizer.pad_token_id, eval_prediction.predictions)
