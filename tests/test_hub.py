@@ -16,13 +16,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import LoraConfig, get_peft_model
 
 from peft_tagi import TagiConfig, TaskAdapter
-from peft_tagi.hub import (
-    push_tagi_checkpoint,
-    push_task_adapter,
-    render_card,
-    task_adapter_from_pretrained,
-    template_dir,
-)
+from peft_tagi.hub import push_tagi_checkpoint, render_card, template_dir
 
 BASE_ID = "user/tiny-t5"
 INSTRUCTION = "Reverse the words of the sentence.\nKeep: punctuation | 'quotes' and \"double quotes\".\n---"
@@ -221,8 +215,7 @@ def test_card_errors_and_local_base_model(caplog):
 def test_push_task_adapter_uploads_lora_folder_and_card(tmp_path, fusion):
     adapter = generated_adapter(tagi_model(fusion))
     api = RecordingHfApi(tmp_path / "remote")
-    url = push_task_adapter(
-        adapter,
+    url = adapter.push_to_hub(
         "user/reverse-lora",
         api=api,
         private=True,
@@ -335,13 +328,13 @@ def test_pull_from_local_folder_and_hf_cache_in_process(tmp_path):
     model = tagi_model(fusion=True)
     adapter = generated_adapter(model)
     api = RecordingHfApi(tmp_path / "remote")
-    push_task_adapter(adapter, "user/reverse-lora", api=api, generator="user/tagi-t5", base_model_name_or_path=BASE_ID)
+    adapter.push_to_hub("user/reverse-lora", api=api, generator="user/tagi-t5", base_model_name_or_path=BASE_ID)
     cache = tmp_path / "cache"
     revision = seed_hf_cache(cache, "user/reverse-lora", api.remote["user/reverse-lora"])
 
     local = TaskAdapter.from_pretrained(api.remote["user/reverse-lora"])
     pulled = TaskAdapter.from_pretrained("user/reverse-lora", cache_dir=cache, local_files_only=True)
-    pinned = task_adapter_from_pretrained(
+    pinned = TaskAdapter.from_pretrained(
         "user/reverse-lora", revision=revision, cache_dir=cache, local_files_only=True
     )
     for restored in (local, pulled, pinned):
@@ -368,16 +361,14 @@ def test_pull_through_hf_cache_in_fresh_process(tmp_path, monkeypatch):
     fused = tagi_model(fusion=True)
     push_tagi_checkpoint(fused, "user/tagi-t5", api=api, base_model_name_or_path=BASE_ID)
     fused_adapter = generated_adapter(fused)
-    push_task_adapter(
-        fused_adapter, "user/fused-lora", api=api, generator="user/tagi-t5", base_model_name_or_path=BASE_ID
-    )
+    fused_adapter.push_to_hub("user/fused-lora", api=api, generator="user/tagi-t5", base_model_name_or_path=BASE_ID)
     expected = {"tagi": _logits(fused, batch)}
     with fused.use_adapter(fused_adapter):
         expected["fused"] = _logits(fused, plain)
 
     unfused = tagi_model(fusion=False)
     plain_adapter = generated_adapter(unfused)
-    push_task_adapter(plain_adapter, "user/plain-lora", api=api, base_model_name_or_path=BASE_ID)
+    plain_adapter.push_to_hub("user/plain-lora", api=api, base_model_name_or_path=BASE_ID)
     with unfused.use_adapter(plain_adapter):
         expected["plain"] = _logits(unfused, plain)
 

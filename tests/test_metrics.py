@@ -114,7 +114,7 @@ def test_choice_log_likelihoods_ignores_inf_at_masked_positions():
 def test_evaluate_modules_give_the_numbers_of_the_functions():
     import evaluate
 
-    from peft_tagi.metrics import rank_classification_metric, sni_metric
+    from peft_tagi.metric_modules import rank_classification_metric, sni_metric
 
     predictions = ["The cat sat.", "dog", "a red tree", "running fast", ""]
     references = [["the cat sat"], ["Dog!", "a dog"], ["red trees"], ["they ran fast"], ["x"]]
@@ -148,7 +148,7 @@ def test_evaluate_modules_load_offline_in_a_fresh_process(tmp_path):
 import os
 os.environ["HF_HOME"] = {str(tmp_path / "hf")!r}
 import evaluate
-from peft_tagi.metrics import rank_classification_metric, sni_metric
+from peft_tagi.metric_modules import rank_classification_metric, sni_metric
 m = sni_metric()
 assert isinstance(m, evaluate.EvaluationModule), type(m)
 print(m.compute(predictions=["cat dog"], references=[["cat dog"]])["exact_match"],

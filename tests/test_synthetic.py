@@ -241,12 +241,10 @@ def test_build_word_tokenizer_unknown_and_duplicates():
 
 
 def test_instruction_swap_examples_ask_for_the_given_task():
-    from peft_tagi.quickstart import instruction_swap_examples
-
     suite = SyntheticSuite(seed=0)
     tasks = suite.heldout_tasks()[:3]
     examples = suite.examples(tasks, 2, split="eval", seed=1)
-    swapped = instruction_swap_examples(suite, examples)
+    swapped = suite.instruction_swap_examples(examples)
     assert len(swapped) == len(examples)
     for original, row in zip(examples, swapped):
         given = tasks[(tasks.index(suite.task(original["task_name"])) + 1) % len(tasks)]

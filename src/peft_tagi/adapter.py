@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
+from .hub import default_api, download_folder, generated_lora_card, upload_with_card
 from .serialization import atomic_write_dir, load_safetensors
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_CONFIG_NAME = "adapter_config.json"
 INSTRUCTION_STATES_NAME = "tagi_instruction_states.safetensors"
 TAGI_ADAPTER_NAME = "tagi_adapter.json"
+# The files `TaskAdapter.load` reads; a pull downloads only these (not the README or anything else in the repo).
+TASK_ADAPTER_FILES = [LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, TAGI_ADAPTER_NAME, INSTRUCTION_STATES_NAME]
 _KEY_PREFIX = "base_model.model."
 
 
@@ -104,8 +114,6 @@ class TaskAdapter:
         any previous folder untouched. A non-empty existing folder (a README edited by hand included) is replaced
         only with `overwrite=True`.
         """
-        from .hub import generated_lora_card  # hub imports this module
-
         path = Path(path)
         base = base_model_name_or_path or self.base_model_name_or_path
         # Rendered before anything is written: a card that cannot be rendered leaves no half-written folder.
@@ -223,15 +231,86 @@ class TaskAdapter:
             metadata=meta.get("metadata") or {},
         )
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Push as a standard PEFT LoRA repo with a model card; see `peft_tagi.hub.push_task_adapter`."""
-        from .hub import push_task_adapter
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        api: HfApi | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload TAGI-generated LoRA adapter",
+        generator: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        base_model_name_or_path: str | None = None,
+        create_repo: bool = True,
+    ) -> str:
+        """Push as a standard PEFT LoRA repo with a generated-LoRA model card.
 
-        return push_task_adapter(self, repo_id, **kwargs)
+        The repo holds what `save_lora` writes (`adapter_config.json`, `adapter_model.safetensors`,
+        `tagi_adapter.json`, and with fusion `tagi_instruction_states.safetensors`) plus a README.md card that records
+        the instruction and the generator. Plain PEFT loads it with `PeftModel.from_pretrained(base, repo_id)`.
+
+        Args:
+            repo_id (`str`): the target repo, `"<user or org>/<name>"`.
+            api (`huggingface_hub.HfApi`, *optional*): the client to use; defaults to `HfApi(token=token)`.
+            token (`str`, *optional*): Hub token; defaults to the logged-in one.
+            private (`bool`, *optional*): visibility of a newly created repo.
+            commit_message (`str`): message of the upload commit.
+            generator (`str`, *optional*): the TAGI checkpoint (Hub id) that generated the adapter; defaults to
+                `self.generator`. Recorded in the card and in `tagi_adapter.json`.
+            metrics (`dict[str, float]`, *optional*): evaluation results, shown as a table in the card.
+            base_model_name_or_path (`str`, *optional*): the base model's Hub id; defaults to
+                `self.base_model_name_or_path`. Written to `adapter_config.json` and the card.
+            create_repo (`bool`): create the repo first (`exist_ok=True`); set False to push to an existing repo only.
+
+        Returns:
+            `str`: the URL of the upload commit.
+        """
+        base = base_model_name_or_path or self.base_model_name_or_path
+        if not base:
+            raise ValueError(
+                "The adapter does not record its base model; pass base_model_name_or_path='<org>/<model>' so that "
+                "the pushed LoRA can be loaded."
+            )
+        # tagi_adapter.json is written from the adapter itself; a shallow copy shares the tensors.
+        adapter = dataclasses.replace(self, generator=generator or self.generator)
+        api = default_api(api, token)
+
+        def render(repo: str):
+            return generated_lora_card(adapter, repo, base, metrics=metrics)
+
+        with tempfile.TemporaryDirectory(prefix="peft-tagi-push-") as tmp:
+            folder = adapter.save_lora(Path(tmp) / "adapter", base_model_name_or_path=base)
+            return upload_with_card(
+                api,
+                folder,
+                repo_id,
+                render,
+                token=token,
+                private=private,
+                commit_message=commit_message,
+                create_repo=create_repo,
+            )
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, **kwargs) -> TaskAdapter:
-        """Load from a local folder or a Hub repo; see `peft_tagi.hub.task_adapter_from_pretrained`."""
-        from .hub import task_adapter_from_pretrained
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        device: str = "cpu",
+        **hub_kwargs: Any,
+    ) -> TaskAdapter:
+        """Load from a local folder or a Hub repo written by `push_to_hub` / `save_lora`.
 
-        return task_adapter_from_pretrained(repo_id_or_path, **kwargs)
+        A Hub repo is fetched with `huggingface_hub.snapshot_download` (only the adapter files), so the usual cache,
+        `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` and pinned revisions all apply.
+
+        Args:
+            repo_id_or_path (`str` or `os.PathLike`): a folder on disk, or a Hub repo id.
+            revision (`str`, *optional*): branch, tag or commit of the Hub repo; ignored for a local folder.
+            device (`str`): where to put the tensors.
+            **hub_kwargs: passed to `snapshot_download` (e.g. `cache_dir`, `token`, `local_files_only`).
+        """
+        folder = download_folder(repo_id_or_path, TASK_ADAPTER_FILES, revision=revision, **hub_kwargs)
+        return cls.load(folder, device=device)

@@ -9,11 +9,13 @@ Two kinds of repository are written:
 
 Both are uploaded with `HfApi.upload_folder` together with a card rendered from the Jinja templates in `hub_cards/`.
 `PeftModel.push_to_hub` is avoided on purpose: on a repo without a card it writes `library_name: transformers`.
+
+This module knows folders, cards and repos, not `TaskAdapter` (which calls it from `save_lora`, `push_to_hub` and
+`from_pretrained`): the cards read an adapter's fields, the upload and download move whole folders.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -23,8 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
-
-from .adapter import INSTRUCTION_STATES_NAME, LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, TAGI_ADAPTER_NAME, TaskAdapter
+from peft.utils import CONFIG_NAME
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CARD_TEMPLATES = {"generated_lora": "generated_lora.md", "hypernetwork": "hypernetwork.md"}
-# The files `TaskAdapter.load` reads; a pull downloads only these (not the README or anything else in the repo).
-TASK_ADAPTER_FILES = [LORA_CONFIG_NAME, LORA_WEIGHTS_NAME, TAGI_ADAPTER_NAME, INSTRUCTION_STATES_NAME]
 PAPER_URL = "https://arxiv.org/abs/2406.12382"
 
 _COMMON_FIELDS = ("repo_id", "base_model", "task_type", "r", "lora_alpha", "target_modules", "instruction_fusion")
@@ -46,6 +45,7 @@ _OPTIONAL_FIELDS = {
     "generated_lora": ("metrics", "tags"),
     "hypernetwork": ("metrics", "tags", "num_parameters"),
 }
+_LOCAL_BASES_WARNED: set[str] = set()
 _AUTO_CLASSES = {"SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "CAUSAL_LM": "AutoModelForCausalLM"}
 
 
@@ -151,7 +151,7 @@ def _tags(kind: str, base_repo: str | None, extra: list[str] | None) -> list[str
 
 
 def generated_lora_card(adapter, repo_id: str, base_model: str | None, metrics: dict | None = None) -> ModelCard:
-    """The model card of a generated LoRA (`TaskAdapter`), the same for `save_lora` and `push_to_hub`."""
+    """The model card of a generated LoRA (a `TaskAdapter`), the same for `save_lora` and `push_to_hub`."""
     return render_card(
         "generated_lora",
         repo_id=repo_id,
@@ -202,7 +202,9 @@ def render_card(kind: str, **fields: Any) -> ModelCard:
         raise ValueError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}.")
 
     base_repo = hub_model_id(values["base_model"])
-    if values["base_model"] and base_repo is None:
+    if values["base_model"] and base_repo is None and values["base_model"] not in _LOCAL_BASES_WARNED:
+        # Said once per base: exporting many adapters of one local base (the quickstart exports 12) would repeat it.
+        _LOCAL_BASES_WARNED.add(values["base_model"])
         logger.warning(
             "The base model %r is not a Hugging Face Hub id; it is left out of the card metadata. Pass "
             "base_model_name_or_path='<org>/<model>' so that the Hub links the adapter to its base model.",
@@ -229,7 +231,7 @@ def render_card(kind: str, **fields: Any) -> ModelCard:
 # ---------------------------------------------------------------------------------------------------- push
 
 
-def _default_api(api: HfApi | None, token: str | None) -> HfApi:
+def default_api(api: HfApi | None, token: str | None) -> HfApi:
     if api is not None:
         return api
     from huggingface_hub import HfApi
@@ -242,7 +244,7 @@ def _result_url(info: Any, repo_id: str) -> str:
     return str(url) if url else str(info or f"https://huggingface.co/{repo_id}")
 
 
-def _upload(
+def upload_with_card(
     api: HfApi,
     folder: Path,
     repo_id: str,
@@ -253,8 +255,12 @@ def _upload(
     commit_message: str,
     create_repo: bool,
 ) -> str:
-    """Create the repo (optionally), write README.md = `render(repo_id)` into `folder`, upload the folder."""
-    card = render(repo_id)  # rendered before touching the Hub: a bad field fails without creating an empty repo
+    """Create the repo (optionally), write README.md = `render(repo_id)` into `folder`, upload the folder.
+
+    `render` is called before the Hub is touched (a bad field fails without creating an empty repo) and again with the
+    resolved id when the Hub resolves a bare "name" to "<user>/name". Returns the URL of the upload commit.
+    """
+    card = render(repo_id)
     if create_repo:
         url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
         resolved = getattr(url, "repo_id", None) or repo_id
@@ -268,71 +274,6 @@ def _upload(
     url = _result_url(info, repo_id)
     logger.info("Uploaded %s to %s", folder.name, url)
     return url
-
-
-def push_task_adapter(
-    adapter: TaskAdapter,
-    repo_id: str,
-    *,
-    api: HfApi | None = None,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload TAGI-generated LoRA adapter",
-    generator: str | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    base_model_name_or_path: str | None = None,
-    create_repo: bool = True,
-) -> str:
-    """Push a generated `TaskAdapter` as a standard PEFT LoRA repo with a generated-LoRA model card.
-
-    The repo holds what `TaskAdapter.save_lora` writes (`adapter_config.json`, `adapter_model.safetensors`,
-    `tagi_adapter.json`, and with fusion `tagi_instruction_states.safetensors`) plus a README.md card that records
-    the instruction and the generator. Plain PEFT loads it with `PeftModel.from_pretrained(base, repo_id)`.
-
-    Args:
-        adapter (`TaskAdapter`): the adapter to push.
-        repo_id (`str`): the target repo, `"<user or org>/<name>"`.
-        api (`huggingface_hub.HfApi`, *optional*): the client to use; defaults to `HfApi(token=token)`.
-        token (`str`, *optional*): Hub token; defaults to the logged-in one.
-        private (`bool`, *optional*): visibility of a newly created repo.
-        commit_message (`str`): message of the upload commit.
-        generator (`str`, *optional*): the TAGI checkpoint (Hub id) that generated the adapter; defaults to
-            `adapter.generator`. Recorded in the card and in `tagi_adapter.json`.
-        metrics (`dict[str, float]`, *optional*): evaluation results, shown as a table in the card.
-        base_model_name_or_path (`str`, *optional*): the base model's Hub id; defaults to
-            `adapter.base_model_name_or_path`. Written to `adapter_config.json` and the card.
-        create_repo (`bool`): create the repo first (`exist_ok=True`); set False to push to an existing repo only.
-
-    Returns:
-        `str`: the URL of the upload commit.
-    """
-    base = base_model_name_or_path or adapter.base_model_name_or_path
-    if not base:
-        raise ValueError(
-            "The adapter does not record its base model; pass base_model_name_or_path='<org>/<model>' so that the "
-            "pushed LoRA can be loaded."
-        )
-    generator = generator or adapter.generator
-    if generator != adapter.generator:
-        # tagi_adapter.json is written from the adapter itself; a shallow copy shares the tensors.
-        adapter = dataclasses.replace(adapter, generator=generator)
-    api = _default_api(api, token)
-
-    def render(repo: str) -> ModelCard:
-        return generated_lora_card(adapter, repo, base, metrics=metrics)
-
-    with tempfile.TemporaryDirectory(prefix="peft-tagi-push-") as tmp:
-        folder = adapter.save_lora(Path(tmp) / "adapter", base_model_name_or_path=base)
-        return _upload(
-            api,
-            folder,
-            repo_id,
-            render,
-            token=token,
-            private=private,
-            commit_message=commit_message,
-            create_repo=create_repo,
-        )
 
 
 def push_tagi_checkpoint(
@@ -356,7 +297,7 @@ def push_tagi_checkpoint(
     Args:
         peft_model (`peft.PeftModel`): the TAGI model.
         repo_id (`str`): the target repo, `"<user or org>/<name>"`.
-        api, token, private, commit_message, create_repo: as in `push_task_adapter`.
+        api, token, private, commit_message, create_repo: as in `TaskAdapter.push_to_hub`.
         metrics (`dict[str, float]`, *optional*): evaluation results, shown as a table in the card.
         base_model_name_or_path (`str`, *optional*): the base model's Hub id; defaults to the one in the config.
             When given it is also written to the pushed `adapter_config.json`.
@@ -369,7 +310,7 @@ def push_tagi_checkpoint(
     if getattr(config.peft_type, "value", config.peft_type) != "TAGI":
         raise ValueError(
             f"push_tagi_checkpoint needs a TAGI model; this one has peft_type={config.peft_type!r}. Push a generated "
-            "TaskAdapter with push_task_adapter instead."
+            "TaskAdapter with TaskAdapter.push_to_hub instead."
         )
     base = base_model_name_or_path or config.base_model_name_or_path
     if not base:
@@ -378,7 +319,7 @@ def push_tagi_checkpoint(
         )
     hypernetwork = getattr(peft_model.base_model, "tagi_hypernetwork", None)
     num_parameters = sum(p.numel() for p in hypernetwork.parameters()) if hypernetwork is not None else None
-    api = _default_api(api, token)
+    api = default_api(api, token)
 
     def render(repo: str) -> ModelCard:
         return render_card(
@@ -404,11 +345,11 @@ def push_tagi_checkpoint(
             # save_pretrained puts a non-default adapter in a subfolder; the repo root must hold the checkpoint.
             folder = folder / adapter_name
         if base_model_name_or_path:
-            config_file = folder / LORA_CONFIG_NAME
+            config_file = folder / CONFIG_NAME
             saved = json.loads(config_file.read_text())
             saved["base_model_name_or_path"] = base_model_name_or_path
             config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        return _upload(
+        return upload_with_card(
             api,
             folder,
             repo_id,
@@ -423,29 +364,25 @@ def push_tagi_checkpoint(
 # ---------------------------------------------------------------------------------------------------- pull
 
 
-def task_adapter_from_pretrained(
-    repo_id_or_path: str | os.PathLike,
-    revision: str | None = None,
-    *,
-    device: str = "cpu",
-    **hub_kwargs: Any,
-) -> TaskAdapter:
-    """Load a `TaskAdapter` from a local folder or a Hub repo written by `push_task_adapter` / `save_lora`.
+def download_folder(
+    repo_id_or_path: str | os.PathLike, files: list[str], revision: str | None = None, **hub_kwargs: Any
+) -> Path:
+    """A local folder as it is, or the snapshot of a Hub repo holding only `files` (in the usual HF cache).
 
-    A Hub repo is fetched with `huggingface_hub.snapshot_download` (only the adapter files), so the usual cache,
-    `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` and pinned revisions all apply.
+    `huggingface_hub.snapshot_download` fetches the repo, so `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` and pinned revisions all
+    apply.
 
     Args:
         repo_id_or_path (`str` or `os.PathLike`): a folder on disk, or a Hub repo id.
+        files (`list[str]`): the file names to download (not the README or anything else in the repo).
         revision (`str`, *optional*): branch, tag or commit of the Hub repo; ignored for a local folder.
-        device (`str`): where to put the tensors.
         **hub_kwargs: passed to `snapshot_download` (e.g. `cache_dir`, `token`, `local_files_only`).
     """
     path = Path(repo_id_or_path)
     if path.is_dir():
         if revision is not None:
             logger.warning("revision=%r is ignored: %s is a local folder.", revision, path)
-        return TaskAdapter.load(path, device=device)
+        return path
     repo_id = str(repo_id_or_path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -456,5 +393,4 @@ def task_adapter_from_pretrained(
         raise FileNotFoundError(
             f"{repo_id!r} is neither an existing folder nor a Hub repo id ('<user>/<name>')."
         ) from err
-    folder = snapshot_download(repo_id, revision=revision, allow_patterns=TASK_ADAPTER_FILES, **hub_kwargs)
-    return TaskAdapter.load(folder, device=device)
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, **hub_kwargs))

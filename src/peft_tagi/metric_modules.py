@@ -1,7 +1,7 @@
 """`evaluate` modules of the package's metrics, defined in code so that they load offline (no Hub, no script cache).
 
 `evaluate.load("rouge")` fetches a script from the Hub; these classes subclass `evaluate.Metric` directly, so
-`peft_tagi.metrics.sni_metric()` works with `HF_HUB_OFFLINE=1` and gives exactly the numbers of
+`sni_metric()` works with `HF_HUB_OFFLINE=1` and gives exactly the numbers of
 `compute_sni_metrics` / `rank_classification_accuracy`, which do the arithmetic. `evaluate` only adds its
 interface: `add_batch` / `add` accumulation, `compute(predictions=..., references=...)` and the module's info.
 """
@@ -91,4 +91,23 @@ class RankClassificationMetric(evaluate.Metric):
         return {"accuracy": rank_classification_accuracy(predictions, references)}
 
 
-__all__ = ["RankClassificationMetric", "SniMetric"]
+def sni_metric(**kwargs) -> SniMetric:
+    """SNI exact match and ROUGE-L as an `evaluate.EvaluationModule` that loads offline.
+
+    `sni_metric().compute(predictions=[...], references=[[...], ...], task_names=[...])` returns exactly what
+    `compute_sni_metrics` returns. `kwargs` go to `evaluate.EvaluationModule` (e.g. `experiment_id`,
+    `num_process`/`process_id` for distributed evaluation); by default the module keeps its data in memory.
+    """
+    return SniMetric(**{"keep_in_memory": True, **kwargs})
+
+
+def rank_classification_metric(**kwargs) -> RankClassificationMetric:
+    """Rank-classification accuracy as an `evaluate.EvaluationModule` that loads offline.
+
+    `rank_classification_metric().compute(predictions=choice_scores, references=gold)` returns
+    `{"accuracy": rank_classification_accuracy(choice_scores, gold)}`. `kwargs` as in `sni_metric`.
+    """
+    return RankClassificationMetric(**{"keep_in_memory": True, **kwargs})
+
+
+__all__ = ["RankClassificationMetric", "SniMetric", "rank_classification_metric", "sni_metric"]

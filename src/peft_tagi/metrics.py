@@ -13,8 +13,8 @@ Both take the maximum over an instance's references and are reported on a 0-100 
 SNI's cross-lingual track scores ROUGE with the GPT-2 tokenizer; this module covers the English (default) track only,
 on which the default tokenizer is what SNI uses (it drops non-ASCII text, so do not use it for other languages).
 
-`sni_metric()` and `rank_classification_metric()` wrap the same functions as Hugging Face `evaluate` modules
-(defined in `peft_tagi.metric_modules`, so they load offline from the installed package).
+`peft_tagi.metric_modules.sni_metric()` and `rank_classification_metric()` wrap the same functions as Hugging Face
+`evaluate` modules (defined in the package, so they load offline).
 """
 
 from __future__ import annotations
@@ -140,29 +140,6 @@ def rank_classification_accuracy(choice_scores: Sequence[Sequence[float]], gold:
             raise ValueError(f"Instance {i}: gold index {label} out of range for {len(scores)} options.")
         correct += int(max(range(len(scores)), key=scores.__getitem__) == label)
     return 100.0 * correct / len(gold)
-
-
-def sni_metric(**kwargs):
-    """SNI exact match and ROUGE-L as an `evaluate.EvaluationModule` that loads offline.
-
-    `sni_metric().compute(predictions=[...], references=[[...], ...], task_names=[...])` returns exactly what
-    `compute_sni_metrics` returns. `kwargs` go to `evaluate.EvaluationModule` (e.g. `experiment_id`,
-    `num_process`/`process_id` for distributed evaluation); by default the module keeps its data in memory.
-    """
-    from .metric_modules import SniMetric
-
-    return SniMetric(**{"keep_in_memory": True, **kwargs})
-
-
-def rank_classification_metric(**kwargs):
-    """Rank-classification accuracy as an `evaluate.EvaluationModule` that loads offline.
-
-    `rank_classification_metric().compute(predictions=choice_scores, references=gold)` returns
-    `{"accuracy": rank_classification_accuracy(choice_scores, gold)}`. `kwargs` as in `sni_metric`.
-    """
-    from .metric_modules import RankClassificationMetric
-
-    return RankClassificationMetric(**{"keep_in_memory": True, **kwargs})
 
 
 def choice_log_likelihoods(

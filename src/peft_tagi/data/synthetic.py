@@ -14,7 +14,7 @@ to a task never trained on? Hence:
   held-out score also measures robustness to new wording, family by family. They introduce no new word (they
   recombine words of the training instructions), because a word-level model cannot know a word it never saw.
 - The vocabulary is closed (`SyntheticSuite.vocabulary`), so a word-level tokenizer (`suite_tokenizer`) covers every
-  text without `<unk>`, and a small T5 trained from scratch learns fast (see DESIGN.md, "The embedded default").
+  text without `<unk>`, and a small T5 trained from scratch learns fast (see `peft_tagi.tokenizer`).
 - Everything is deterministic for a seed: the split depends only on the suite seed (never on how many instances
   are drawn), and examples depend only on (suite seed, example seed, split, task).
 
@@ -30,6 +30,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+
+from ..tokenizer import build_word_tokenizer
 
 if TYPE_CHECKING:
     import datasets
@@ -65,6 +67,8 @@ MAX_INPUT_WORDS = 7
 FORMAT_WORDS: tuple[str, ...] = ("instruction", "input", "output", ":")
 
 Split = Literal["train", "eval"]
+# Prints `SyntheticSuite().vocabulary()`; named by the unknown-word warnings of tokenizers made by `suite_tokenizer`.
+VOCABULARY_COMMAND = "peft-tagi quickstart --show-vocabulary"
 
 
 def words_of(text: str) -> list[str]:
@@ -105,7 +109,8 @@ def _count(words: list[str]) -> list[str]:
 
 
 # The primitives were chosen so that a small T5 learns each of them in minutes from word-level tokens: positional
-# selections and word-by-word maps, no sorting (a calibration run found sorting much harder; see DESIGN.md).
+# selections and word-by-word maps, no sorting (a calibration run, a T5 of d_model 128 trained for 7 minutes on 2
+# cores, found sorting much harder than the others).
 PRIMITIVES: tuple[Primitive, ...] = (
     Primitive(
         "reverse",
@@ -553,6 +558,36 @@ class SyntheticSuite:
                 )
         return out
 
+    def paraphrase_family(self, example: dict) -> str:
+        """The evaluation-only family of a held-out example's instruction, as "k: template" (k from 1)."""
+        k = self.task(example["task_name"]).instructions(train=False).index(example["instruction"])
+        return f"{k + 1}: {EVAL_FAMILIES[k]}"
+
+    def training_wording_examples(self, examples: list[dict]) -> list[dict]:
+        """The same examples, each under one of its task's canonical training wordings (in turn, as the
+        evaluation-only families are): the reference for how much the evaluation-only wordings cost."""
+        out = []
+        for i, e in enumerate(examples):
+            wordings = self.task(e["task_name"]).canonical_instructions()
+            out.append({**e, "instruction": wordings[i % len(wordings)]})
+        return out
+
+    def instruction_swap_examples(self, examples: list[dict]) -> list[dict]:
+        """Each task's examples under the next task's instruction (tasks in order of appearance, the last under the
+        first): `references` are what the given instruction asks for, `own_references` what the inputs' own task
+        would give. A model that follows its instruction scores high on the first and low on the second."""
+        tasks = list(dict.fromkeys(e["task_name"] for e in examples))
+        instruction_of = {e["task_name"]: e["instruction"] for e in reversed(examples)}  # each task's first wording
+        swapped = []
+        for e in examples:
+            given = tasks[(tasks.index(e["task_name"]) + 1) % len(tasks)]
+            answer = self.task(given).apply(e["input"].split())
+            swapped.append(
+                {**e, "instruction": instruction_of[given], "given_task": given, "references": [answer],
+                 "own_references": e["references"]}
+            )  # fmt: skip
+        return swapped
+
     def pretraining_texts(self, n: int, seed: int = 0) -> list[str]:
         """`n` plain texts in the suite's vocabulary, for pretraining a small base model and the hypernetwork.
 
@@ -614,10 +649,10 @@ class SyntheticSuite:
 
 def suite_tokenizer(suite: SyntheticSuite | None = None, model_max_length: int = 512) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the vocabulary of `suite` (default: `SyntheticSuite()`)."""
-    from ..tokenizer import build_word_tokenizer
-
     suite = suite if suite is not None else SyntheticSuite()
-    return build_word_tokenizer(suite.vocabulary(), model_max_length=model_max_length)
+    return build_word_tokenizer(
+        suite.vocabulary(), model_max_length=model_max_length, vocabulary_command=VOCABULARY_COMMAND
+    )
 
 
 def synthetic_dataset(
