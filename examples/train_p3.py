@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
+from peft_tagi.arguments import parse_arguments, setup_logging
 from peft_tagi.data.p3 import p3_dataset_name, p3_examples, p3_gold_index
 from peft_tagi.data.pretraining import pretraining_dataset
 from peft_tagi.metrics import choice_log_likelihoods, rank_classification_accuracy
-from peft_tagi.pipeline import load_tagi_model, parse_arguments, run_stages, setup_logging
+from peft_tagi.pipeline import load_tagi_model, run_stages
 
 
 @dataclass
@@ -78,7 +79,12 @@ def main() -> None:
     if stage_args.pretrain_steps:
         pretrain = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=training_args.seed)
 
-    model, tokenizer = load_tagi_model(model_args)
+    model, tokenizer = load_tagi_model(
+        model_args.model_name_or_path,
+        tokenizer=model_args.tokenizer_name,
+        dtype=model_args.dtype,
+        **model_args.tagi_options(),
+    )
     trainer = run_stages(model, tokenizer, training_args, stage_args, train, pretrain)
     if training_args.do_eval and trainer.is_world_process_zero():
         accuracy = rank_classification(trainer.model, tokenizer, evaluated)

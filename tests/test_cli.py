@@ -132,11 +132,11 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert wording["fraction_of_training_wordings"] == pytest.approx(
         mean / wording["training_wordings"]["rougeL"] if wording["training_wordings"]["rougeL"] else 0.0
     )
-    # bench/wording.py re-evaluates the saved models of a finished run: the same examples give the same scores.
+    # `python -m bench.wording` re-evaluates the saved models of a finished run: the same examples give the same scores.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     out = tmp_path / "wording.json"
     again = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "wording.py"), str(tmp_path / "qs"), "--out", str(out)],
+        [sys.executable, "-m", "bench.wording", str(tmp_path / "qs"), "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-4000:]
@@ -286,7 +286,8 @@ def test_base_pretraining_cuts_half_the_demonstrations_at_output():
     """The base reads "step: words output:" and writes the result for about half the demonstrations; every other
     text is cut at a random word (a real forward/backward pass per step on a tiny T5)."""
     from peft_tagi.data.synthetic import SyntheticSuite, suite_tokenizer
-    from peft_tagi.quickstart import QuickstartConfig, build_base_model, demonstration_texts, pretrain_base
+    from peft_tagi.embedded_base import build_base_model, demonstration_texts, pretrain_base
+    from peft_tagi.quickstart import QuickstartConfig
 
     suite = SyntheticSuite(seed=0)
     tokenizer = suite_tokenizer(suite)
@@ -298,8 +299,8 @@ def test_base_pretraining_cuts_half_the_demonstrations_at_output():
 
     config = dataclasses.replace(QuickstartConfig.fast(), base_steps=6, batch_size=32)
     demos = demonstration_texts(suite, 200, seed=0)
-    model = build_base_model(len(tokenizer), config)
-    losses = pretrain_base(model, recording, demos, config)
+    model = build_base_model(len(tokenizer), config.base())
+    losses = pretrain_base(model, recording, demos, config.base())
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     prefixes = [p for batch in seen[0::2] for p in batch]
     targets = [t for batch in seen[1::2] for t in batch]

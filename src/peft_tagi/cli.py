@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger("peft_tagi.cli")
@@ -31,19 +32,6 @@ def load_config_file(path: str) -> dict:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def load_base(model_id: str):
-    """Base model and tokenizer from a Hub id or a local path (seq2seq or causal, read from its config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_id)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(model_id)
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def load_examples(spec: str, split: str, max_instances: int, seed: int, num_pos_examples: int = 0) -> list[dict]:
     """Examples of the one format from `synthetic`, `sni:PATH` or `p3:PATH_OR_ID`."""
     if spec == "synthetic":
@@ -66,34 +54,21 @@ def load_examples(spec: str, split: str, max_instances: int, seed: int, num_pos_
     raise SystemExit(f"error: --data must be 'synthetic', 'sni:PATH' or 'p3:PATH_OR_ID', got {spec!r}.")
 
 
-def _task_type(model) -> str:
-    return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
-
-
 def load_tagi(model_id: str, tagi_dir: str | None, args=None, trainable: bool = False):
-    """A TAGI model: from a checkpoint folder when given, else a fresh one from the CLI's config flags."""
-    from peft import PeftModel, get_peft_model
+    """A TAGI model and its tokenizer: from a checkpoint folder when given, else a fresh one from the CLI's flags."""
+    from .pipeline import load_tagi_model
 
-    import peft_tagi  # noqa: F401  (registers TAGI)
-
-    from .config import TagiConfig
-
-    base, tokenizer = load_base(model_id)
     if tagi_dir:
-        model = PeftModel.from_pretrained(base, tagi_dir, is_trainable=trainable)
-    else:
-        fusion = None if args is None or args.fusion is None else args.fusion == "on"
-        config = TagiConfig(
-            task_type=_task_type(base),
-            r=args.r,
-            lora_alpha=args.lora_alpha,
-            target_modules=args.target_modules,
-            instruction_fusion=fusion,
-            max_instruction_length=args.max_instruction_length,
-            base_model_name_or_path=model_id,
-        )
-        model = get_peft_model(base, config)
-    return model, tokenizer
+        return load_tagi_model(model_id, tagi_dir, trainable=trainable)
+    fusion = None if args is None or args.fusion is None else args.fusion == "on"
+    return load_tagi_model(
+        model_id,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.target_modules,
+        instruction_fusion=fusion,
+        max_instruction_length=args.max_instruction_length,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -101,7 +76,7 @@ def cmd_train(args) -> None:
     import datasets
 
     from .data.pretraining import pretraining_dataset
-    from .trainer import TagiTrainer, TagiTrainingArguments
+    from .pipeline import train_stage, training_arguments
 
     output = Path(args.output_dir)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
@@ -117,14 +92,13 @@ def cmd_train(args) -> None:
         train_ds = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=args.seed)
     else:
         train_ds = datasets.Dataset.from_list(examples)
-    training_args = TagiTrainingArguments(
-        output_dir=str(output),
+    training_args = training_arguments(
+        output,
         stage=args.stage,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
-        warmup_steps=max(1, args.max_steps // 50),
         kd_temperature=args.kd_temperature,
         lambda_kl=args.lambda_kl,
         lambda_ins=args.lambda_ins,
@@ -133,18 +107,11 @@ def cmd_train(args) -> None:
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         overwrite_teachers=args.overwrite,
-        report_to=[],
         seed=args.seed,
         use_cpu=args.cpu,
     )
-    trainer = TagiTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        teachers=args.teachers if args.stage == "distill" else None,
-    )
-    trainer.train(resume_from_checkpoint=args.resume)
+    teachers = args.teachers if args.stage == "distill" else None
+    train_stage(model, tokenizer, training_args, train_ds, teachers=teachers, resume_from_checkpoint=args.resume)
     if args.stage != "teachers":
         model.save_pretrained(output / "tagi", overwrite=args.overwrite)
         print(f"TAGI checkpoint: {output / 'tagi'}")
@@ -153,12 +120,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate_adapter(args) -> None:
-    from .adapter import TaskAdapter
+    from .pipeline import generate_adapters
 
     model, tokenizer = load_tagi(args.model, args.tagi)
-    adapter = TaskAdapter.from_instruction(
-        model, tokenizer, args.instruction, generator=args.tagi, base_model_name_or_path=args.model
+    adapters = generate_adapters(
+        model, tokenizer, [args.instruction], generator=args.tagi, base_model_name_or_path=args.model
     )
+    adapter = adapters[args.instruction]
     path = adapter.save_lora(args.out, base_model_name_or_path=args.model, overwrite=args.overwrite)
     print(f"LoRA adapter: {path}")
     if args.push_to:
@@ -184,10 +152,8 @@ def quickstart_paths(model: str | None, tagi: str | None, need_tagi: bool) -> tu
 
 
 def cmd_predict(args) -> None:
-    from peft import PeftModel
-
-    from .adapter import TaskAdapter
-    from .predict import generate_outputs, load_adapter_folder, read_inputs
+    from .pipeline import generate_adapters, generate_outputs, load_base_model
+    from .predict import load_adapter_folder, read_inputs
     from .tokenizer import unknown_words_message
 
     if (args.instruction is None) == (args.adapter is None):
@@ -204,8 +170,10 @@ def cmd_predict(args) -> None:
     model_id, tagi_dir = quickstart_paths(args.model, args.tagi, need_tagi=adapter is None)
 
     if tagi_dir is None:
+        from peft import PeftModel
+
         # A LoRA folder without its generator: plain PEFT, as any user of the exported adapter would load it.
-        base, tokenizer = load_base(model_id)
+        base, tokenizer = load_base_model(model_id)
         model = PeftModel.from_pretrained(base, args.adapter)
         if adapter.instruction_states is not None:
             logger.warning(
@@ -217,9 +185,10 @@ def cmd_predict(args) -> None:
     else:
         model, tokenizer = load_tagi(model_id, tagi_dir)
         if adapter is None:
-            adapter = TaskAdapter.from_instruction(
-                model, tokenizer, args.instruction, generator=tagi_dir, base_model_name_or_path=model_id
+            adapters = generate_adapters(
+                model, tokenizer, [args.instruction], generator=tagi_dir, base_model_name_or_path=model_id
             )
+            adapter = adapters[args.instruction]
 
         def context():
             return model.use_adapter(adapter)
@@ -291,9 +260,10 @@ def cmd_export(args) -> None:
     """Merge an exported task LoRA into the base model and save a standalone transformers model."""
     from peft import PeftModel
 
+    from .pipeline import load_base_model
     from .serialization import atomic_write_dir
 
-    base, tokenizer = load_base(args.model)
+    base, tokenizer = load_base_model(args.model)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
 
     def write(tmp: Path) -> None:
@@ -305,32 +275,20 @@ def cmd_export(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import torch
-
-    from .metrics import sni_metric
+    from .pipeline import score, serve_by_instruction
 
     model, tokenizer = load_tagi(args.model, args.tagi)
     model.eval()
     examples = load_examples(args.data, args.split, args.max_instances, args.seed, args.num_pos_examples)
-    predictions = []
-    for i in range(0, len(examples), args.batch_size):
-        chunk = examples[i : i + args.batch_size]
-        enc = tokenizer([e["input"] for e in chunk], padding=True, truncation=True, return_tensors="pt")
-        ins = tokenizer([e["instruction"] for e in chunk], padding=True, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(
-                **enc,
-                instruction_input_ids=ins["input_ids"],
-                instruction_attention_mask=ins["attention_mask"],
-                max_new_tokens=args.max_new_tokens,
-                num_beams=args.num_beams,
-            )
-        predictions.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-    scores = sni_metric().compute(
-        predictions=predictions,
-        references=[e["references"] for e in examples],
-        task_names=[e["task_name"] for e in examples],
+    predictions = serve_by_instruction(
+        model,
+        tokenizer,
+        examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
     )
+    scores = score(predictions, examples)
     print(f"ROUGE-L {scores['rougeL']:.2f}  exact match {scores['exact_match']:.2f}  ({len(examples)} examples)")
     for task, task_scores in sorted(scores["per_task"].items()):
         print(f"  {task:<50} ROUGE-L {task_scores['rougeL']:6.2f}  EM {task_scores['exact_match']:6.2f}")
@@ -529,6 +487,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # peft 0.21's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` for every model it wraps: a
+    # warning about peft's code, not the user's, repeated at every load.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # The commands show their own progress (a bar per training stage, per generation loop); transformers' bars for
+    # loading and writing each small model, and rouge_score's INFO line, would only bury it.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.WARNING)
     args = parse_args(argv)
     args.func(args)
 

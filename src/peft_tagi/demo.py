@@ -15,8 +15,7 @@ from pathlib import Path
 import gradio as gr
 from transformers.utils import logging
 
-from .adapter import TaskAdapter
-from .predict import base_model_only, generate_outputs
+from .pipeline import generate_adapters, generate_outputs
 from .tokenizer import unknown_words_message
 
 logger = logging.get_logger(__name__)
@@ -73,12 +72,13 @@ def build_demo(
             )
             if message
         ]
-        adapter = TaskAdapter.from_instruction(
-            model, tokenizer, instruction, generator=tagi_id, base_model_name_or_path=model_id
+        adapters = generate_adapters(
+            model, tokenizer, [instruction], generator=tagi_id, base_model_name_or_path=model_id
         )
+        adapter = adapters[instruction]
         options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "progress": False}
         tagi_outputs = generate_outputs(model, tokenizer, inputs, lambda: model.use_adapter(adapter), **options)
-        base_outputs = generate_outputs(model, tokenizer, inputs, lambda: base_model_only(model), **options)
+        base_outputs = generate_outputs(model, tokenizer, inputs, model.disable_adapter, **options)
         # Each request gets its own folder, so concurrent users never download each other's adapter.
         request_dir = Path(tempfile.mkdtemp(dir=downloads))
         folder = adapter.save_lora(request_dir / _folder_name(instruction))

@@ -1,247 +1,174 @@
-"""TAGI's three stages run one after another from the command line, as transformers' example scripts run a Trainer.
+"""The steps of a TAGI pipeline, as one public library.
 
-`examples/train_sni.py` and `examples/train_p3.py` share everything here and differ only in their data:
+`peft-tagi quickstart`, the other `peft-tagi` commands, `examples/` and `bench/` are short programs over these steps;
+none of them repeats a loop that lives here.
 
-- `TagiModelArguments`: the base model and every `TagiConfig` option (defaults and help read from `TagiConfig`).
-- `StageArguments`: the step count of each stage (0 skips a stage).
-- `parse_arguments`: `HfArgumentParser` over those, the script's data arguments and `TagiTrainingArguments`, so every
-  Trainer flag works (`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, `--report_to`, ...); one
-  `.json` / `.yaml` file argument holds them all instead.
-- `run_stages`: teachers -> pretrain -> distill, each in its own subfolder of `--output_dir` with its checkpoints.
-
-Layout of `--output_dir`:
-
-    teachers/   checkpoint-N/ ...; teachers/ (meta-train LoRA + bank LoRAs); trainer_state.json (stage complete)
-    pretrain/   checkpoint-N/ ...; the TAGI checkpoint (adapter_config.json, adapter_model.safetensors); trainer_state.json
-    distill/    checkpoint-N/ ...; the TAGI checkpoint; trainer_state.json
-
-A stage is complete once its folder holds `trainer_state.json`, written last (`Trainer.save_state`). With
-`--resume_from_checkpoint` (bare or `true`) complete stages are skipped (a skipped hypernetwork stage's weights are
-loaded, so the next stage starts where it ended) and the interrupted stage resumes from its newest complete
-checkpoint; `--resume_from_checkpoint <output_dir>/<stage>/checkpoint-N` names the checkpoint instead.
+- **Models**: `load_base_model` (seq2seq or causal LM, read from its config, with its tokenizer) and `tagi_model` (a
+  TAGI checkpoint on a base, or a fresh TAGI adapter); `load_tagi_model` does both.
+- **Training**: `training_arguments` (one stage's `TagiTrainingArguments`), `train_stage` (one stage) and
+  `run_stages` (teachers -> pretrain -> distill in one output folder, resumable).
+- **Serving**: `generate_adapters` (one `TaskAdapter` per distinct instruction), `generate_outputs` (the one
+  generation loop, in batches, under any context such as `use_adapter`) and `serve_by_instruction` (TAGI's way of
+  serving: each instruction's adapter generated once, its inputs read alone).
+- **Scoring and reporting**: `score` (ROUGE-L and exact match, overall and per task) and `write_report` (a JSON file
+  and a bar chart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging as std_logging
-import sys
-import typing
-from dataclasses import dataclass, field
+import json
+import os
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import transformers
-from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+import torch
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .config import TagiConfig
-from .trainer import STAGES, TagiTrainer, TagiTrainingArguments, is_complete_checkpoint, last_complete_checkpoint
+from .adapter import TaskAdapter
+
+if TYPE_CHECKING:
+    import datasets
+    from peft import PeftModel
+
+    from .arguments import StageArguments
+    from .trainer import TagiTrainer, TagiTrainingArguments
 
 logger = logging.get_logger(__name__)
 
-_TAGI_FIELDS = {f.name: f for f in dataclasses.fields(TagiConfig)}
-_RESUME_FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")
-_TRUE = ("true", "True", "1", "yes")
 
-
-def _tagi_option(name: str, **overrides: Any) -> Any:
-    """A dataclass field with the default and help of `TagiConfig.<name>`, so that the two cannot drift apart."""
-    source = _TAGI_FIELDS[name]
-    return field(default=overrides.get("default", source.default), metadata={"help": source.metadata["help"]})
-
-
-@dataclass
-class TagiModelArguments:
-    """The base model and the TAGI adapter put on it.
+# ---------------------------------------------------------------------------------------------------- models
+def load_base_model(
+    name_or_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, dtype: str | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """A base model and its tokenizer from a Hub id or a local folder (seq2seq or causal LM, read from its config).
 
     Args:
-        model_name_or_path (`str`): a Hub id or a local folder of a seq2seq (T5, BART, ...) or causal LM.
-        tokenizer_name (`str`, *optional*): the tokenizer's Hub id or folder; defaults to `model_name_or_path`.
-        dtype (`str`, *optional*): dtype the base weights are loaded in (`"auto"`, `"bfloat16"`, `"float32"`, ...);
-            transformers' default when unset. Mixed precision is the Trainer's `--bf16` / `--fp16` instead.
-        r, lora_alpha, lora_dropout, target_modules, instruction_fusion, max_instruction_length,
-        instruction_overflow, hypernetwork_hidden_size, module_embedding_dim, pooling: `TagiConfig`'s options.
+        name_or_path: the model's Hub id or folder.
+        tokenizer: the tokenizer's Hub id or folder; defaults to `name_or_path`.
+        dtype: dtype the weights are loaded in (`"auto"`, `"bfloat16"`, ...); transformers' default when None.
+
+    Returns:
+        (model, tokenizer); a tokenizer without a pad token pads with its end-of-sequence token.
     """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    model_name_or_path: str = field(metadata={"help": "Base model: a Hub id or a local folder."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer if not the model's."})
-    dtype: str | None = field(default=None, metadata={"help": "Base weights dtype: auto, bfloat16, float32, ..."})
-    r: int = _tagi_option("r")
-    lora_alpha: float = _tagi_option("lora_alpha")
-    lora_dropout: float = _tagi_option("lora_dropout")
-    # One type per flag: a list of module names (`--target_modules q v`); a regex goes in a config file or the API.
-    target_modules: list[str] | None = _tagi_option("target_modules")
-    instruction_fusion: bool | None = _tagi_option("instruction_fusion")
-    max_instruction_length: int = _tagi_option("max_instruction_length")
-    instruction_overflow: str = _tagi_option("instruction_overflow")
-    hypernetwork_hidden_size: int = _tagi_option("hypernetwork_hidden_size")
-    module_embedding_dim: int = _tagi_option("module_embedding_dim")
-    pooling: str = _tagi_option("pooling")
-
-    def tagi_config(self, task_type: str) -> TagiConfig:
-        options = {name: getattr(self, name) for name in _TAGI_FIELDS if hasattr(self, name)}
-        return TagiConfig(task_type=task_type, base_model_name_or_path=self.model_name_or_path, **options)
-
-
-@dataclass
-class StageArguments:
-    """Training steps of each stage; 0 skips the stage.
-
-    Args:
-        teachers_steps (`int`): stage `teachers` (meta-train LoRA + one LoRA per task or category).
-        pretrain_steps (`int`): stage `pretrain` (hypernetwork on the training text split into three spans).
-        distill_steps (`int`): stage `distill` (hypernetwork with CE + KL + ΔW alignment to the teachers).
-    """
-
-    teachers_steps: int = field(default=5000, metadata={"help": "Steps of stage teachers (0 skips it)."})
-    pretrain_steps: int = field(default=2000, metadata={"help": "Steps of stage pretrain (0 skips it)."})
-    distill_steps: int = field(default=20000, metadata={"help": "Steps of stage distill (0 skips it)."})
-
-    def __post_init__(self) -> None:
-        for stage in STAGES:
-            if self.steps(stage) < 0:
-                raise ValueError(f"--{stage}_steps must be >= 0 (0 skips the stage), got {self.steps(stage)}.")
-
-    def steps(self, stage: str) -> int:
-        return getattr(self, f"{stage}_steps")
-
-
-def _with_bare_resume_flag(argv: list[str]) -> list[str]:
-    """`--resume_from_checkpoint` with no value means `true` (the field is a string for the Trainer's sake)."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg in _RESUME_FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv.insert(i + 1, "true")
-    return argv
-
-
-def _numbers_from_strings(dataclass_types, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads `1e-4` as a string (its floats need a dot); give int and float options their type, as flags get."""
-    numeric = {}
-    for dataclass_type in dataclass_types:
-        for name, hint in typing.get_type_hints(dataclass_type).items():
-            kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-            if len(kinds) == 1 and kinds[0] in (int, float):
-                numeric[name] = kinds[0]
-    converted = dict(values)
-    for name, value in values.items():
-        if name in numeric and isinstance(value, str):
-            try:
-                converted[name] = numeric[name](value)
-            except ValueError:
-                raise ValueError(f"Option {name} must be {numeric[name].__name__}, got {value!r}.") from None
-    return converted
-
-
-def parse_arguments(
-    data_arguments: type, defaults: dict[str, Any] | None = None, argv: list[str] | None = None
-) -> tuple[TagiModelArguments, Any, StageArguments, TagiTrainingArguments]:
-    """Parse the command line (or one `.json` / `.yaml` file) into the four argument dataclasses.
-
-    Args:
-        data_arguments: the script's own dataclass of data options.
-        defaults: the script's defaults for fields of any of the four (e.g. `{"group_by": "category"}`); a value
-            on the command line or in the file wins.
-        argv: the arguments; `sys.argv[1:]` when None.
-
-    Raises:
-        FileExistsError: `--output_dir` already holds a run and `--resume_from_checkpoint` is not given.
-    """
-    argv = _with_bare_resume_flag(sys.argv[1:] if argv is None else argv)
-    # No abbreviations: among some 150 options a misspelt flag must be an error, not the option it happens to prefix.
-    parser = HfArgumentParser(
-        (TagiModelArguments, data_arguments, StageArguments, TagiTrainingArguments), allow_abbrev=False
-    )
-    defaults = dict(defaults or {})
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"Argument file {path} not found; pass options as flags or an existing file.")
-        if path.suffix == ".json":
-            import json
-
-            values = json.loads(path.read_text())
-        else:
-            import yaml
-
-            values = yaml.safe_load(path.read_text())
-        values = _numbers_from_strings(parser.dataclass_types, values)
-        # parse_dict refuses unknown keys, so a misspelt option is an error rather than silently ignored.
-        model_args, data_args, stage_args, training_args = parser.parse_dict({**defaults, **values})
-    else:
-        parser.set_defaults(**defaults)
-        model_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(argv)
-    check_output_dir(training_args)
-    _explicit_checkpoint(training_args)  # a checkpoint outside this run is refused before anything loads
-    return model_args, data_args, stage_args, training_args
-
-
-def check_output_dir(training_args: TagiTrainingArguments) -> None:
-    """Refuse to start a fresh run over an earlier one: its checkpoints would be mixed with the new ones."""
-    if training_args.resume_from_checkpoint:
-        return
-    output = Path(training_args.output_dir)
-    previous = [output / stage for stage in STAGES if (output / stage).is_dir() and any((output / stage).iterdir())]
-    if previous:
-        raise FileExistsError(
-            f"{output} already holds a run ({', '.join(p.name for p in previous)}). Pass --resume_from_checkpoint "
-            "to continue it (finished stages are skipped), or choose another --output_dir."
-        )
-
-
-def setup_logging(training_args: TagiTrainingArguments) -> None:
-    """Log as transformers' examples do: to stdout, INFO on the main process, warnings only on the others."""
-    std_logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[std_logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    std_logging.getLogger("peft_tagi").setLevel(log_level)
-    std_logging.getLogger("__main__").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        f"distributed: {training_args.parallel_mode.value == 'distributed'}, bf16: {training_args.bf16}"
-    )
-
-
-def load_tagi_model(model_args: TagiModelArguments) -> tuple[PeftModel, Any]:
-    """The base model (seq2seq or causal, read from its config) with a fresh TAGI adapter, and its tokenizer."""
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path)
     auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    load = {"dtype": model_args.dtype} if model_args.dtype else {}
-    base = auto_class.from_pretrained(model_args.model_name_or_path, **load)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    model = auto_class.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    task_type = "SEQ_2_SEQ_LM" if config.is_encoder_decoder else "CAUSAL_LM"
-    model = get_peft_model(base, model_args.tagi_config(task_type))
     return model, tokenizer
 
 
-def _explicit_checkpoint(training_args: TagiTrainingArguments) -> tuple[str, Path] | None:
-    """(stage, checkpoint) when `--resume_from_checkpoint` names a checkpoint folder; None for `true` or unset."""
-    resume = training_args.resume_from_checkpoint
-    if not resume or resume in _TRUE:
-        return None
-    checkpoint = Path(resume).resolve()
-    output = Path(training_args.output_dir).resolve()
-    for stage in STAGES:
-        if checkpoint.parent == output / stage:
-            return stage, checkpoint
-    raise ValueError(
-        f"--resume_from_checkpoint {resume} is not a checkpoint of this run; pass {output}/<stage>/checkpoint-N "
-        f"(stages: {', '.join(STAGES)}), or `true` to resume from the newest complete checkpoint."
+def task_type_of(model: torch.nn.Module) -> str:
+    """The PEFT task type of a transformers model: `"SEQ_2_SEQ_LM"` for encoder-decoders, else `"CAUSAL_LM"`."""
+    return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+
+
+def tagi_model(
+    base: torch.nn.Module, checkpoint: str | os.PathLike | None = None, trainable: bool = False, **config: Any
+) -> PeftModel:
+    """A TAGI model on `base`: a saved checkpoint (folder or Hub id), or a fresh adapter made from `config`.
+
+    Args:
+        base: the base model (from `load_base_model`).
+        checkpoint: a TAGI checkpoint (`PeftModel.save_pretrained` of a TAGI model); None for a fresh adapter.
+        trainable: load the checkpoint's hypernetwork trainable (peft's `is_trainable`); a fresh one always is.
+        **config: `TagiConfig` options of a fresh adapter (`task_type` defaults to the base model's); with a
+            checkpoint, its own saved config applies and options are refused.
+    """
+    from peft import PeftModel, get_peft_model
+
+    from .config import TagiConfig
+
+    if checkpoint is not None:
+        if config:
+            raise ValueError(
+                f"TagiConfig options {sorted(config)} were given with the checkpoint {checkpoint}, whose saved "
+                "config applies: drop them, or leave out the checkpoint to start a fresh adapter."
+            )
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=trainable)
+    config.setdefault("task_type", task_type_of(base))
+    return get_peft_model(base, TagiConfig(**config))
+
+
+def load_tagi_model(
+    base: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    trainable: bool = False,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    **config: Any,
+) -> tuple[PeftModel, Any]:
+    """`load_base_model(base, tokenizer, dtype)` and `tagi_model` on it: (TAGI model, tokenizer)."""
+    model, tokenizer = load_base_model(base, tokenizer=tokenizer, dtype=dtype)
+    if checkpoint is None:
+        config.setdefault("base_model_name_or_path", str(base))
+    return tagi_model(model, checkpoint, trainable=trainable, **config), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def training_arguments(
+    output_dir: str | os.PathLike, stage: str, max_steps: int, **options: Any
+) -> TagiTrainingArguments:
+    """`TagiTrainingArguments` of one stage: warm-up over the first 2 % of the steps, ten log lines, no checkpoints
+    and no reporting integrations unless `options` say otherwise (any `TagiTrainingArguments` field)."""
+    from .trainer import TagiTrainingArguments
+
+    defaults = {
+        "warmup_steps": max(1, max_steps // 50),
+        "logging_steps": max(1, max_steps // 10),
+        "save_strategy": "no",
+        "report_to": [],
+    }
+    return TagiTrainingArguments(
+        output_dir=str(output_dir), stage=stage, max_steps=max_steps, **{**defaults, **options}
     )
+
+
+def train_stage(
+    model: PeftModel,
+    tokenizer: Any,
+    args: TagiTrainingArguments,
+    train_dataset: datasets.Dataset | Sequence[dict],
+    teachers: str | os.PathLike | None = None,
+    eval_dataset: datasets.Dataset | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> TagiTrainer:
+    """Train `model` in place for one stage (`args.stage`) and return its trainer.
+
+    Args:
+        model: the TAGI model.
+        tokenizer: its tokenizer (the data collator's).
+        args: the stage's arguments (`training_arguments`).
+        train_dataset: examples of the one format (`task_name`, `instruction`, `input`, `output`, ...): a
+            `datasets.Dataset` or a list of dicts.
+        teachers: stage `distill`: the folder written by stage `teachers`.
+        eval_dataset: evaluated when `args.eval_strategy` asks.
+        resume_from_checkpoint: as in `Trainer.train`.
+    """
+    import datasets
+
+    from .trainer import TagiTrainer
+
+    if not isinstance(train_dataset, datasets.Dataset):
+        train_dataset = datasets.Dataset.from_list(list(train_dataset))
+    trainer = TagiTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        teachers=str(teachers) if teachers is not None else None,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer
 
 
 def run_stages(
@@ -255,12 +182,23 @@ def run_stages(
 ) -> TagiTrainer:
     """Train teachers -> pretrain -> distill, each in `<output_dir>/<stage>` with its checkpoints and final output.
 
+    Layout of `training_args.output_dir`:
+
+        teachers/   checkpoint-N/ ...; teachers/ (meta-train LoRA + bank LoRAs); trainer_state.json (stage complete)
+        pretrain/   checkpoint-N/ ...; the TAGI checkpoint (adapter_config.json, adapter_model.safetensors); trainer_state.json
+        distill/    checkpoint-N/ ...; the TAGI checkpoint; trainer_state.json
+
+    A stage is complete once its folder holds `trainer_state.json`, written last (`Trainer.save_state`). With
+    `resume_from_checkpoint` `true` complete stages are skipped (a skipped hypernetwork stage's weights are loaded,
+    so the next stage starts where it ended) and the interrupted stage resumes from its newest complete checkpoint;
+    `<output_dir>/<stage>/checkpoint-N` names the checkpoint instead.
+
     Args:
         model: the TAGI model (`load_tagi_model`); trained in place, stage after stage.
         tokenizer: its tokenizer (the collator's).
         training_args: the Trainer options shared by the stages; `stage`, `output_dir` and `max_steps` are set per
             stage from `<output_dir>/<stage>` and `stage_args`.
-        stage_args: the steps of each stage.
+        stage_args: the steps of each stage (`peft_tagi.arguments.StageArguments`).
         train_dataset: examples for stages `teachers` and `distill`.
         pretrain_dataset: examples for stage `pretrain` (`peft_tagi.data.pretraining.pretraining_dataset`).
         eval_dataset: evaluated by the hypernetwork stages (`pretrain`, `distill`) when `--eval_strategy` asks.
@@ -269,8 +207,11 @@ def run_stages(
         The trainer of the last hypernetwork stage that has steps (built even when that stage was already complete),
         for `evaluate()`.
     """
+    from .arguments import resume_checkpoint
+    from .trainer import STAGES, TagiTrainer, is_complete_checkpoint, last_complete_checkpoint
+
     resume = bool(training_args.resume_from_checkpoint)
-    explicit = _explicit_checkpoint(training_args)
+    explicit = resume_checkpoint(training_args)
     output = Path(training_args.output_dir)
     teachers_dir = Path(training_args.teachers_output_dir or output / "teachers" / "teachers")
     hypernetwork_stages = [s for s in ("pretrain", "distill") if stage_args.steps(s) > 0]
@@ -342,3 +283,190 @@ def run_stages(
         trainer.save_state()  # written last: marks the stage complete
         trainer.accelerator.wait_for_everyone()  # the next stage reads what the main process wrote
     return trainer
+
+
+# ---------------------------------------------------------------------------------------------------- serving
+def generate_adapters(
+    model: PeftModel,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    generator: str | None = None,
+    base_model_name_or_path: str | None = None,
+    adapters: dict[str, TaskAdapter] | None = None,
+) -> dict[str, TaskAdapter]:
+    """One `TaskAdapter` per distinct instruction text (`TaskAdapter.from_instruction`, which names unknown words).
+
+    Args:
+        model: the TAGI model.
+        tokenizer: its tokenizer.
+        instructions: instruction texts, repeated or not.
+        generator, base_model_name_or_path: recorded in every adapter (the TAGI checkpoint and the base model).
+        adapters: adapters generated before, by instruction: reused, and the new ones are added to it.
+
+    Returns:
+        `adapters` (or a new dict): instruction -> its adapter.
+    """
+    adapters = {} if adapters is None else adapters
+    for instruction in dict.fromkeys(instructions):
+        if instruction not in adapters:
+            adapters[instruction] = TaskAdapter.from_instruction(
+                model, tokenizer, instruction, generator=generator, base_model_name_or_path=base_model_name_or_path
+            )
+    return adapters
+
+
+def generate_outputs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    inputs: Sequence[str],
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    progress: bool | None = None,
+) -> list[str]:
+    """Generate one output string per input, in batches: the one generation loop of the project.
+
+    Args:
+        model: a generation model (a TAGI or LoRA `PeftModel`, or a plain transformers model).
+        tokenizer: its tokenizer.
+        inputs: the task inputs (without the instruction: the adapter carries it).
+        context: entered around every `generate` call, e.g. `lambda: model.use_adapter(adapter)` or
+            `model.disable_adapter` (the frozen base model).
+        batch_size: inputs per `generate` call.
+        max_new_tokens, num_beams: generation options (greedy when `num_beams=1`).
+        progress: show a progress bar; `None` shows one when there is more than one batch.
+
+    Returns:
+        The decoded outputs, stripped, in the order of `inputs`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    is_causal = not model.config.is_encoder_decoder
+    # A decoder-only model continues the prompt, so its padding goes on the left and the prompt is cut off after.
+    padding_side = tokenizer.padding_side
+    if is_causal:
+        tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    starts = range(0, len(inputs), batch_size)
+    outputs: list[str] = []
+    try:
+        for start in tqdm(starts, desc="generating", unit="batch", disable=not (progress or len(starts) > 1)):
+            batch = list(inputs[start : start + batch_size])
+            encoding = tokenizer(batch, return_tensors="pt", padding=True, truncation=True).to(device)
+            with torch.no_grad(), context():
+                ids = model.generate(**encoding, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+            if is_causal:
+                ids = ids[:, encoding["input_ids"].shape[1] :]
+            outputs.extend(text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def group_by_instruction(examples: Sequence[dict]) -> dict[str, list[int]]:
+    """Indices of `examples` per distinct `instruction`, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(example["instruction"], []).append(i)
+    return groups
+
+
+def serve_by_instruction(
+    model: PeftModel,
+    tokenizer: Any,
+    examples: Sequence[dict],
+    adapters: dict[str, TaskAdapter] | None = None,
+    **generation: Any,
+) -> list[str]:
+    """TAGI's outputs for `examples`: each distinct instruction's adapter generated once, its inputs read alone.
+
+    Args:
+        model: the TAGI model.
+        tokenizer: its tokenizer.
+        examples: dicts with `instruction` and `input`.
+        adapters: adapters generated before, by instruction text (reused; new ones are added).
+        **generation: `generate_outputs` options (`batch_size`, `max_new_tokens`, `num_beams`, `progress`).
+
+    Returns:
+        The outputs in the order of `examples`.
+    """
+    adapters = {} if adapters is None else adapters
+    predictions = [""] * len(examples)
+    for instruction, rows in group_by_instruction(examples).items():
+        generate_adapters(model, tokenizer, [instruction], adapters=adapters)
+        outputs = generate_outputs(
+            model,
+            tokenizer,
+            [examples[i]["input"] for i in rows],
+            context=lambda: model.use_adapter(adapters[instruction]),  # noqa: B023 (called inside this iteration)
+            **generation,
+        )
+        for i, text in zip(rows, outputs):
+            predictions[i] = text
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def score(predictions: Sequence[str], examples: Sequence[dict]) -> dict:
+    """SNI's ROUGE-L and exact match (0-100) of `predictions` against each example's `references` (or `output`),
+    overall and per `task_name`: `{"rougeL", "exact_match", "per_task": {task: {"rougeL", "exact_match"}}}`."""
+    from .metrics import compute_sni_metrics
+
+    references = [e.get("references") or [e["output"]] for e in examples]
+    tasks = [e["task_name"] for e in examples] if all("task_name" in e for e in examples) else None
+    scores = compute_sni_metrics(predictions, references, tasks)
+    return {
+        "rougeL": scores["rougeL"],
+        "exact_match": scores["exact_match"],
+        "per_task": {
+            t: {"rougeL": s["rougeL"], "exact_match": s["exact_match"]} for t, s in scores["per_task"].items()
+        },
+    }
+
+
+def write_report(folder: str | os.PathLike, results: dict, rows: Sequence[tuple[str, str]], title: str) -> None:
+    """Write `results` to `folder/results.json` and a bar chart of `results["rows"]` to `folder/results.png`.
+
+    Args:
+        folder: an existing folder.
+        results: the report; `results["rows"][name]` holds `rougeL` and `exact_match` for every row in `rows`.
+        rows: (name, label) of the rows to draw, in order.
+        title: the chart's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [results["rows"][n]["rougeL"] for n, _ in rows], width=0.4, label="ROUGE-L")
+    ax.bar([i + 0.2 for i in x], [results["rows"][n]["exact_match"] for n, _ in rows], width=0.4, label="exact match")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([textwrap.fill(label, 24) for _, label in rows], fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "results.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = [
+    "generate_adapters",
+    "generate_outputs",
+    "group_by_instruction",
+    "load_base_model",
+    "load_tagi_model",
+    "run_stages",
+    "score",
+    "serve_by_instruction",
+    "tagi_model",
+    "task_type_of",
+    "train_stage",
+    "training_arguments",
+    "write_report",
+]

@@ -1,33 +1,42 @@
-"""The embedded default: the whole TAGI pipeline on a small T5 and the synthetic suite, with a held-out report.
+"""`peft-tagi quickstart`: the whole TAGI pipeline on the embedded default, with a report on held-out tasks.
 
-Steps: pretrain a small T5 from random weights on the suite's plain text (TAGI assumes a pretrained base) ->
-stage `teachers` -> stage `pretrain` (hypernetwork on text) -> stage `distill` -> evaluation on held-out tasks that
-no stage has seen, worded with the evaluation-only paraphrases.
+A small T5 is built from random weights and pretrained on the synthetic suite's plain text (`embedded_base`), then
+the paper's three stages train (`pipeline.train_stage`: teachers -> hypernetwork pretraining -> distillation), and
+five rows are scored on held-out tasks that no stage has seen, worded with the evaluation-only paraphrases: the frozen
+base, the meta-train teacher, TAGI, TAGI's adapters exported as plain LoRA, and a task-LoRA oracle. Beside them the
+report checks that TAGI follows the instruction it is given (`instruction_swap`), how it does on training tasks
+(`training_tasks`), and what each paraphrase family costs (`wording`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
-import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import torch
-from peft import PeftModel, get_peft_model
-from tqdm.auto import tqdm
-from transformers import T5Config, T5ForConditionalGeneration
+from peft import PeftModel
+from transformers import T5ForConditionalGeneration
 from transformers.utils import logging
 
-from .config import TagiConfig
 from .data.pretraining import pretraining_dataset
-from .data.synthetic import EVAL_FAMILIES, LEXICON, SyntheticSuite, render_output, suite_tokenizer
-from .metrics import compute_sni_metrics
+from .data.synthetic import SyntheticSuite, suite_tokenizer
+from .embedded_base import EmbeddedBaseConfig, build_base_model, demonstration_texts, pretrain_base
+from .pipeline import (
+    generate_outputs,
+    group_by_instruction,
+    score,
+    serve_by_instruction,
+    tagi_model,
+    train_stage,
+    training_arguments,
+    write_report,
+)
 from .teachers import load_teachers
-from .trainer import TagiTrainer, TagiTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -38,6 +47,8 @@ ROWS = (
     ("tagi_plain_lora", "TAGI adapter exported, loaded as plain LoRA"),
     ("oracle", "task-LoRA oracle (held-out task's own instances)"),
 )
+# Every row generates greedily, up to 16 tokens, all of one instruction's inputs in one batch.
+GENERATION = {"batch_size": 64, "max_new_tokens": 16}
 
 
 @dataclass
@@ -81,7 +92,7 @@ class QuickstartConfig:
     oracle_instances: int = 200
     base_steps: int = 1500
     # 750 / 750 / 200 (were 900 / 900 / 300): the default run's idle wall time on 2 cores went from 13.0-13.5 min to
-    # about 11 min, inside the embedded default's 12-minute budget (README, "Wall time").
+    # about 11 min, inside the embedded default's 12-minute budget (docs/quality.md, "Wall time").
     teacher_steps: int = 750
     pretrain_steps: int = 150
     distill_steps: int = 750
@@ -109,137 +120,95 @@ class QuickstartConfig:
             batch_size=16,
         )  # fmt: skip
 
-
-def build_base_model(vocab_size: int, config: QuickstartConfig) -> T5ForConditionalGeneration:
-    """A small T5 from random weights (no download)."""
-    torch.manual_seed(config.seed)
-    t5_config = T5Config(
-        vocab_size=vocab_size,
-        d_model=config.d_model,
-        d_kv=config.d_model // config.num_heads,
-        d_ff=config.d_ff,
-        num_layers=config.num_layers,
-        num_decoder_layers=config.num_layers,
-        num_heads=config.num_heads,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        tie_word_embeddings=True,
-    )
-    return T5ForConditionalGeneration(t5_config)
+    def base(self) -> EmbeddedBaseConfig:
+        """The shape and pretraining budget of this run's base model."""
+        return EmbeddedBaseConfig(
+            seed=self.seed, d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads, d_ff=self.d_ff,
+            base_steps=self.base_steps, base_learning_rate=self.base_learning_rate, batch_size=self.batch_size,
+        )  # fmt: skip
 
 
-DEMONSTRATION_OUTPUT = " output: "
-
-
-def demonstration_texts(suite: SyntheticSuite, n: int, seed: int) -> list[str]:
-    """Texts showing single steps done on word lists, with training phrasings only."""
-    rng = random.Random(f"demonstrations-{seed}")
-    texts = []
-    for _ in range(n):
-        primitive = rng.choice(suite.primitives)
-        words = rng.sample(LEXICON, rng.randint(3, 7))
-        output = render_output(primitive.fn(list(words)))
-        texts.append(f"{rng.choice(primitive.phrasings)}: {' '.join(words)}{DEMONSTRATION_OUTPUT}{output}.")
-    return texts
-
-
-def pretrain_base(
-    model, tokenizer, texts: list[str], config: QuickstartConfig, output_cut: float = 0.5
-) -> list[float]:
-    """Prefix language modelling on plain text: read a prefix, predict the rest (all weights train).
-
-    This stands in for the C4 pretraining of the paper's T5-LM-adapt: the base learns the suite's language (words,
-    facts, instructions) but never sees a task solved, so the frozen base alone cannot do the tasks.
-
-    A fraction `output_cut` of the demonstrations (texts with `DEMONSTRATION_OUTPUT`) is cut right after "output:",
-    so that the base reads a single step and a word list and writes the result, the encoder-decoder form the tasks
-    take; every other text is cut at a random word. 0.5 against 0 was compared on left-out training tasks with
-    `bench/base_pretraining.py` (README, "Absolute quality").
-    """
-    rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_learning_rate, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    model.train()
-    losses = []
-    for _ in tqdm(range(config.base_steps), desc="base pretraining", leave=False):
-        prefixes, targets = [], []
-        for text in rng.sample(texts, config.batch_size):
-            if DEMONSTRATION_OUTPUT in text and rng.random() < output_cut:
-                prefix, target = text.split(DEMONSTRATION_OUTPUT, 1)
-                prefixes.append(prefix + DEMONSTRATION_OUTPUT.rstrip())
-                targets.append(target)
-                continue
-            words = text.split()
-            cut = rng.randint(1, max(1, len(words) - 1))
-            prefixes.append(" ".join(words[:cut]))
-            targets.append(" ".join(words[cut:]))
-        enc = tokenizer(prefixes, padding=True, truncation=True, max_length=64, return_tensors="pt").to(model.device)
-        lab = tokenizer(targets, padding=True, truncation=True, max_length=64, return_tensors="pt").to(model.device)
-        labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
-
-
-def _training_args(output_dir: Path, name: str, steps: int, config: QuickstartConfig, **kw) -> TagiTrainingArguments:
-    """Arguments of one run, written under `output_dir / name`; the stage is `name` unless `stage=` is given."""
-    kw.setdefault("stage", name)
-    return TagiTrainingArguments(
-        output_dir=str(output_dir / name),
+def stage_arguments(output_dir: Path, name: str, steps: int, config: QuickstartConfig, **options):
+    """The quickstart's arguments of one training run, written under `output_dir / name`; the stage is `name` unless
+    `stage=` is given."""
+    options.setdefault("stage", name)
+    return training_arguments(
+        output_dir / name,
         max_steps=steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        warmup_steps=max(1, steps // 50),
         lr_scheduler_type="linear",
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to=[],
         use_cpu=not torch.cuda.is_available(),
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=0,
-        **kw,
+        **options,
     )
 
 
-def _generate(model, tokenizer, inputs: list[str], batch_size: int = 64, **kwargs) -> tuple[list[str], float]:
-    """Greedy generation; returns texts and seconds per instance."""
-    outputs = []
+def serve_row(
+    examples: list[dict],
+    tokenizer,
+    model: torch.nn.Module | Callable[[str], torch.nn.Module],
+    context: Callable[[str, str], contextlib.AbstractContextManager] | None = None,
+    reads_instruction: bool = False,
+) -> dict:
+    """Score one report row on `examples`, served one instruction at a time (all of its inputs in one batch).
+
+    Args:
+        model: the model, or instruction -> the model that serves it.
+        context: (instruction, task name) -> the context to generate in (e.g. applied task weights).
+        reads_instruction: the model reads "instruction\ninput" (the meta-train teacher); otherwise the input alone.
+
+    Returns:
+        `score(...)` plus `ms_per_instance`, the time per example with the set-up of each instruction included.
+    """
+    predictions = [""] * len(examples)
     start = time.perf_counter()
-    for i in range(0, len(inputs), batch_size):
-        enc = tokenizer(inputs[i : i + batch_size], padding=True, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=16, num_beams=1, do_sample=False, **kwargs)
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return outputs, (time.perf_counter() - start) / max(1, len(inputs))
+    for instruction, rows in group_by_instruction(examples).items():
+        texts = [f"{instruction}\n{examples[i]['input']}" if reads_instruction else examples[i]["input"] for i in rows]
+        served = model(instruction) if callable(model) and not isinstance(model, torch.nn.Module) else model
+        task = examples[rows[0]]["task_name"]
+        ctx = (lambda: context(instruction, task)) if context else contextlib.nullcontext  # noqa: B023
+        for i, text in zip(rows, generate_outputs(served, tokenizer, texts, context=ctx, **GENERATION)):
+            predictions[i] = text
+    seconds = time.perf_counter() - start
+    return {**score(predictions, examples), "ms_per_instance": 1000.0 * seconds / max(1, len(examples))}
 
 
-def _score(predictions: list[str], examples: list[dict], seconds: float) -> dict:
-    scores = compute_sni_metrics(predictions, [e["references"] for e in examples], [e["task_name"] for e in examples])
+def serve_tagi(model, tokenizer, examples: list[dict], adapters: dict) -> tuple[dict, list[str]]:
+    """TAGI's row on `examples` (adapters generated once per instruction, kept in `adapters`) and its predictions."""
+    start = time.perf_counter()
+    predictions = serve_by_instruction(model, tokenizer, examples, adapters=adapters, **GENERATION)
+    seconds = time.perf_counter() - start
+    return {**score(predictions, examples), "ms_per_instance": 1000.0 * seconds / max(1, len(examples))}, predictions
+
+
+def wording_report(predictions: list[str], examples: list[dict], families: list[str], training: dict) -> dict:
+    """TAGI's score per paraphrase family (`families[i]` is the family of `examples[i]`), their mean, and the
+    fraction of `training` (TAGI's score on the same examples with training wordings) that the mean reaches."""
+    per_family = {}
+    for family in dict.fromkeys(families):
+        rows = [i for i, f in enumerate(families) if f == family]
+        per_family[family] = score([predictions[i] for i in rows], [examples[i] for i in rows])
+    metrics = ("rougeL", "exact_match")
+    mean = {m: sum(s[m] for s in per_family.values()) / len(per_family) for m in metrics}
     return {
-        "rougeL": scores["rougeL"],
-        "exact_match": scores["exact_match"],
-        "ms_per_instance": seconds * 1000.0,
-        "per_task": {task: {"rougeL": s["rougeL"], "exact_match": s["exact_match"]} for task, s in scores["per_task"].items()},
-    }  # fmt: skip
+        "families": {f: {m: s[m] for m in metrics} for f, s in per_family.items()},
+        "families_mean": mean,
+        "training_wordings": {m: training[m] for m in metrics},
+        "fraction_of_training_wordings": mean["rougeL"] / training["rougeL"] if training["rougeL"] else 0.0,
+    }
 
 
 def evaluate_rows(
-    tagi_model,
-    fresh_base,
+    model: PeftModel,
+    fresh_base: Callable[[], torch.nn.Module],
     tokenizer,
-    examples,
-    teachers_dir,
-    oracle_dir,
-    work_dir,
+    examples: list[dict],
+    teachers_dir: Path,
+    oracle_dir: Path,
+    work_dir: Path,
     swapped: list[dict] | None = None,
     training_examples: list[dict] | None = None,
     families: list[str] | None = None,
@@ -257,46 +226,38 @@ def evaluate_rows(
     `families`: the paraphrase family of each example, for TAGI's score per family (`results["wording"]`), next to
     its score on `training_wordings` (the same examples with training wordings of their tasks).
     """
-    tagi = tagi_model.base_model
-    with tagi_model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
-        _generate(tagi_model, tokenizer, [e["input"] for e in examples[:8]])
+    tagi = model.base_model
+    with model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
+        generate_outputs(model, tokenizer, [e["input"] for e in examples[:8]], **GENERATION)
 
-    def serve(prepare, on=examples) -> dict:
-        predictions, seconds = serve_by_instruction(prepare, on, tokenizer)
-        return _score(predictions, on, seconds)
-
-    def inputs(rows, on=examples):
-        return [on[i]["input"] for i in rows]
-
-    results = {"base": serve(lambda ins, rows, on: (tagi_model, inputs(rows, on), tagi_model.disable_adapter()))}
+    results = {"base": serve_row(examples, tokenizer, model, context=lambda *_: model.disable_adapter())}
 
     meta, _, _ = load_teachers(teachers_dir)
     meta_weights = tagi.task_weights_from_adapter(meta, fusion=False)
 
-    def meta_row(instruction, rows, on):
-        texts = [f"{instruction}\n{x}" for x in inputs(rows, on)]
-        return tagi_model, texts, tagi.apply_task_weights(meta_weights)
+    def meta_teacher(on: list[dict]) -> dict:
+        context = lambda *_: tagi.apply_task_weights(meta_weights)  # noqa: E731
+        return serve_row(on, tokenizer, model, context=context, reads_instruction=True)
 
-    results["meta_teacher"] = serve(meta_row)
+    results["meta_teacher"] = meta_teacher(examples)
 
-    adapters = {}
-    tagi_row = generated_adapter_row(tagi_model, tokenizer, adapters)
-    tagi_predictions, seconds = serve_by_instruction(tagi_row, examples, tokenizer)
-    results["tagi"] = _score(tagi_predictions, examples, seconds)
+    adapters: dict = {}
+    results["tagi"], tagi_predictions = serve_tagi(model, tokenizer, examples, adapters)
     if families is not None and training_wordings is not None:
-        results["wording"] = wording_report(tagi_predictions, examples, families, serve(tagi_row, training_wordings))
+        training = serve_tagi(model, tokenizer, training_wordings, adapters)[0]
+        results["wording"] = wording_report(tagi_predictions, examples, families, training)
     held_out_adapters = {e["instruction"]: adapters[e["instruction"]] for e in examples}
     if swapped:
-        predictions, seconds = serve_by_instruction(tagi_row, swapped, tokenizer)
+        given, predictions = serve_tagi(model, tokenizer, swapped, adapters)
         own = [{**e, "references": e["own_references"]} for e in swapped]
         results["instruction_swap"] = {
-            "given_instruction": _score(predictions, swapped, seconds),
-            "own_task": _score(predictions, own, seconds),
+            "given_instruction": given,
+            "own_task": {**score(predictions, own), "ms_per_instance": given["ms_per_instance"]},
         }
     if training_examples:
         results["training_tasks"] = {
-            "meta_teacher": serve(meta_row, training_examples),
-            "tagi": serve(tagi_row, training_examples),
+            "meta_teacher": meta_teacher(training_examples),
+            "tagi": serve_tagi(model, tokenizer, training_examples, adapters)[0],
         }
 
     # The same adapters exported as standard LoRA folders and loaded by plain peft (fusion dropped); loading is not
@@ -305,113 +266,14 @@ def evaluate_rows(
     for n, (instruction, adapter) in enumerate(held_out_adapters.items()):
         folder = adapter.save_lora(work_dir / "exported" / f"task_{n}", overwrite=True)
         plain_models[instruction] = PeftModel.from_pretrained(fresh_base(), folder).eval()
-    results["tagi_plain_lora"] = serve(
-        lambda ins, rows, on: (plain_models[ins], inputs(rows, on), contextlib.nullcontext())
-    )
+    results["tagi_plain_lora"] = serve_row(examples, tokenizer, plain_models.__getitem__)
 
     _, oracle_bank, _ = load_teachers(oracle_dir)
     oracle_weights = {task: tagi.task_weights_from_adapter(a, fusion=False) for task, a in oracle_bank.items()}
-    results["oracle"] = serve(
-        lambda ins, rows, on: (
-            tagi_model,
-            inputs(rows, on),
-            tagi.apply_task_weights(oracle_weights[on[rows[0]]["task_name"]]),
-        )
+    results["oracle"] = serve_row(
+        examples, tokenizer, model, context=lambda _, task: tagi.apply_task_weights(oracle_weights[task])
     )
     return results
-
-
-def wording_report(predictions: list[str], examples: list[dict], families: list[str], training: dict) -> dict:
-    """TAGI's score per paraphrase family (`families[i]` is the family of `examples[i]`), their mean, and the
-    fraction of `training` (TAGI's score on the same examples with training wordings) that the mean reaches."""
-    per_family = {}
-    for family in dict.fromkeys(families):
-        rows = [i for i, f in enumerate(families) if f == family]
-        per_family[family] = _score([predictions[i] for i in rows], [examples[i] for i in rows], 0.0)
-    mean = {m: sum(s[m] for s in per_family.values()) / len(per_family) for m in ("rougeL", "exact_match")}
-    strip = ("rougeL", "exact_match")
-    return {
-        "families": {f: {m: s[m] for m in strip} for f, s in per_family.items()},
-        "families_mean": mean,
-        "training_wordings": {m: training[m] for m in strip},
-        "fraction_of_training_wordings": mean["rougeL"] / training["rougeL"] if training["rougeL"] else 0.0,
-    }
-
-
-def serve_by_instruction(prepare, examples: list[dict], tokenizer) -> tuple[list[str], float]:
-    """Greedy outputs for `examples`, one distinct instruction at a time (all of its inputs in one batch).
-
-    `prepare(instruction, rows, examples)` -> (model, input texts of `rows`, context manager to generate in).
-    Returns the predictions in the order of `examples` and the seconds per instance, preparation included.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(e["instruction"], []).append(i)
-    predictions = [""] * len(examples)
-    elapsed = 0.0
-    for instruction, rows in groups.items():
-        start = time.perf_counter()
-        model, texts, context = prepare(instruction, rows, examples)
-        with context:
-            outputs, _ = _generate(model, tokenizer, texts)
-        elapsed += time.perf_counter() - start
-        for i, text in zip(rows, outputs):
-            predictions[i] = text
-    return predictions, elapsed / max(1, len(examples))
-
-
-def generated_adapter_row(model, tokenizer, adapters: dict):
-    """A `prepare` for `serve_by_instruction` that serves TAGI: one adapter generated per instruction (kept in
-    `adapters`, instruction -> `TaskAdapter`, so that later calls reuse it), the inputs alone as model input."""
-    tagi = model.base_model
-
-    def prepare(instruction: str, rows: list[int], examples: list[dict]):
-        if instruction not in adapters:
-            ids = tokenizer([instruction], return_tensors="pt").to(model.device)
-            [adapter] = tagi.generate_adapter(ids["input_ids"], ids["attention_mask"], instructions=[instruction])
-            adapters[instruction] = adapter
-        return model, [examples[i]["input"] for i in rows], tagi.use_adapter(adapters[instruction])
-
-    return prepare
-
-
-def generated_adapter_predictions(model, tokenizer, examples: list[dict]) -> list[str]:
-    """Greedy outputs of a TAGI model for `examples`: one adapter generated per distinct instruction, all of that
-    instruction's inputs in one batch."""
-    return serve_by_instruction(generated_adapter_row(model, tokenizer, {}), examples, tokenizer)[0]
-
-
-def paraphrase_family(suite: SyntheticSuite, example: dict) -> str:
-    """The evaluation-only family of a held-out example's instruction, as "k: template" (k from 1)."""
-    k = suite.task(example["task_name"]).instructions(train=False).index(example["instruction"])
-    return f"{k + 1}: {EVAL_FAMILIES[k]}"
-
-
-def training_wording_examples(suite: SyntheticSuite, examples: list[dict]) -> list[dict]:
-    """The same examples, each under one of its task's canonical training wordings (in turn, as the evaluation-only
-    families are): the reference for how much the evaluation-only wordings cost."""
-    out = []
-    for i, e in enumerate(examples):
-        wordings = suite.task(e["task_name"]).canonical_instructions()
-        out.append({**e, "instruction": wordings[i % len(wordings)]})
-    return out
-
-
-def instruction_swap_examples(suite: SyntheticSuite, examples: list[dict]) -> list[dict]:
-    """Each task's examples under the next task's instruction (tasks in order of appearance, the last under the
-    first): `references` are what the given instruction asks for, `own_references` what the inputs' own task would
-    give. A model that follows its instruction scores high on the first and low on the second."""
-    tasks = list(dict.fromkeys(e["task_name"] for e in examples))
-    instruction_of = {e["task_name"]: e["instruction"] for e in reversed(examples)}  # each task's first wording
-    swapped = []
-    for e in examples:
-        given = tasks[(tasks.index(e["task_name"]) + 1) % len(tasks)]
-        answer = suite.task(given).apply(e["input"].split())
-        swapped.append(
-            {**e, "instruction": instruction_of[given], "given_task": given, "references": [answer],
-             "own_references": e["references"]}
-        )  # fmt: skip
-    return swapped
 
 
 # What the base pretraining, the teachers and the oracle read from the config: runs that agree on these (and differ
@@ -423,8 +285,9 @@ SHARED_STAGE_FIELDS = (
 )  # fmt: skip
 
 
-def _check_reusable(folder: Path, config: QuickstartConfig) -> dict:
-    """The finished quickstart in `folder`, if its base model, teachers and oracle are what `config` would train."""
+def check_reusable(folder: Path, config: QuickstartConfig) -> dict:
+    """The results of the finished quickstart in `folder`, if its base model, teachers and oracle are what `config`
+    would train (it agrees on `SHARED_STAGE_FIELDS`); otherwise an error that names the settings that differ."""
     report = folder / "results.json"
     if not report.is_file():
         raise FileNotFoundError(f"reuse_from={str(folder)!r} holds no finished quickstart ({report} is missing).")
@@ -467,7 +330,7 @@ def run_quickstart(
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True (or --overwrite) to replace it.")
-    reused = _check_reusable(Path(reuse_from), config) if reuse_from is not None else None
+    reused = check_reusable(Path(reuse_from), config) if reuse_from is not None else None
     if reused is not None and Path(reuse_from).resolve() == output_dir.resolve():
         raise ValueError(
             "reuse_from must be another folder than output_dir (this run would overwrite what it reuses)."
@@ -483,7 +346,7 @@ def run_quickstart(
         now = time.perf_counter()
         timings[name] = round(now - clock, 1)
         clock = now
-        logger.warning(f"quickstart: {name} done in {timings[name]:.0f}s")
+        logger.info(f"quickstart: {name} done in {timings[name]:.0f} s")
 
     suite = SyntheticSuite(seed=config.seed)
     tokenizer = suite_tokenizer(suite)
@@ -500,8 +363,9 @@ def run_quickstart(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shared = Path(reuse_from) / "work" if reused is not None else work
     if reused is None:
-        base = build_base_model(len(tokenizer), config).to(device)
-        base_losses = pretrain_base(base, tokenizer, base_texts, config)
+        logger.info(f"quickstart: pretraining the base model ({config.base_steps} steps)")
+        base = build_base_model(len(tokenizer), config.base()).to(device)
+        base_losses = pretrain_base(base, tokenizer, base_texts, config.base())
         base.save_pretrained(work / "base")
         tokenizer.save_pretrained(work / "base")
         base_final_loss = sum(base_losses[-50:]) / max(1, len(base_losses[-50:]))
@@ -512,58 +376,42 @@ def run_quickstart(
     def fresh_base():
         return T5ForConditionalGeneration.from_pretrained(shared / "base").to(device).eval()
 
-    tagi_config = TagiConfig(
-        task_type="SEQ_2_SEQ_LM", r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-        instruction_fusion=config.instruction_fusion,
-    )  # fmt: skip
+    tagi_options = {
+        "r": config.r, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
+        "instruction_fusion": config.instruction_fusion,
+    }  # fmt: skip
     # Seeded here, so that the hypernetwork's initialisation is the same whether the base was trained or reused.
     torch.manual_seed(config.seed)
-    model = get_peft_model(fresh_base(), tagi_config)
+    model = tagi_model(fresh_base(), **tagi_options)
     train_ds = datasets.Dataset.from_list(train_examples)
 
     if reused is None:
-        TagiTrainer(
-            model=model,
-            args=_training_args(
-                work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
-            ),
-            train_dataset=train_ds,
-            processing_class=tokenizer,
-        ).train()  # fmt: skip
+        args = stage_arguments(
+            work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
+        )
+        train_stage(model, tokenizer, args, train_ds)
     teachers_dir = shared / "teachers" / "teachers"
     lap("teachers")
 
     pretrain_ds = pretraining_dataset(datasets.Dataset.from_dict({"text": texts}), seed=config.seed)
     if config.pretrain_steps > 0:
-        TagiTrainer(
-            model=model, args=_training_args(work, "pretrain", config.pretrain_steps, config),
-            train_dataset=pretrain_ds, processing_class=tokenizer,
-        ).train()  # fmt: skip
+        train_stage(model, tokenizer, stage_arguments(work, "pretrain", config.pretrain_steps, config), pretrain_ds)
     lap("hypernetwork pretraining")
 
-    args = _training_args(
-        work,
-        "distill",
-        config.distill_steps,
-        config,
-        lambda_kl=config.lambda_kl,
-        lambda_ins=config.lambda_ins,
-        ins_reduction=config.ins_reduction,
-    )
-    TagiTrainer(
-        model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, teachers=teachers_dir
-    ).train()
+    args = stage_arguments(
+        work, "distill", config.distill_steps, config,
+        lambda_kl=config.lambda_kl, lambda_ins=config.lambda_ins, ins_reduction=config.ins_reduction,
+    )  # fmt: skip
+    train_stage(model, tokenizer, args, train_ds, teachers=teachers_dir)
     model.save_pretrained(work / "tagi", overwrite=overwrite)
     lap("distillation")
 
     if reused is None:
-        TagiTrainer(
-            model=get_peft_model(fresh_base(), tagi_config),
-            args=_training_args(
-                work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite
-            ),
-            train_dataset=datasets.Dataset.from_list(oracle_train), processing_class=tokenizer,
-        ).train()  # fmt: skip
+        args = stage_arguments(
+            work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite,
+            run_name="oracle",
+        )  # fmt: skip
+        train_stage(tagi_model(fresh_base(), **tagi_options), tokenizer, args, oracle_train)
     oracle_dir = shared / "oracle" / "teachers"
     lap("oracle task LoRAs")
 
@@ -576,9 +424,9 @@ def run_quickstart(
         teachers_dir,
         oracle_dir,
         work,
-        swapped=instruction_swap_examples(suite, heldout_eval),
-        families=None if config.validation_tasks else [paraphrase_family(suite, e) for e in heldout_eval],
-        training_wordings=None if config.validation_tasks else training_wording_examples(suite, heldout_eval),
+        swapped=suite.instruction_swap_examples(heldout_eval),
+        families=None if config.validation_tasks else [suite.paraphrase_family(e) for e in heldout_eval],
+        training_wordings=None if config.validation_tasks else suite.training_wording_examples(heldout_eval),
         training_examples=suite.examples(
             train_tasks[:: max(1, len(train_tasks) // len(eval_tasks))][: len(eval_tasks)],
             config.eval_instances,
@@ -602,11 +450,13 @@ def run_quickstart(
         "base_pretraining_final_loss": base_final_loss,
         **({"reused_from": str(reuse_from)} if reused is not None else {}),
     }
-    _write_report(output_dir, results)
+    title = f"{results['evaluated_on']}: {results['num_eval_examples']} examples"
+    write_report(output_dir, results, ROWS, title)
     return results
 
 
 def format_table(results: dict) -> str:
+    """The report as a text table, with the instruction-following, training-task and wording lines."""
     lines = [f"{'row':<48} {'ROUGE-L':>8} {'EM':>7} {'ms/inst':>8}"]
     for name, label in ROWS:
         row = results["rows"][name]
@@ -633,26 +483,4 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_report(output_dir: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    labels = [label for _, label in ROWS]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    x = range(len(ROWS))
-    ax.bar([i - 0.2 for i in x], [results["rows"][n]["rougeL"] for n, _ in ROWS], width=0.4, label="ROUGE-L")
-    ax.bar([i + 0.2 for i in x], [results["rows"][n]["exact_match"] for n, _ in ROWS], width=0.4, label="exact match")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([textwrap.fill(label, 24) for label in labels], fontsize=7)
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{results['evaluated_on']}: {results['num_eval_examples']} examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(output_dir / "results.png", dpi=120)
-    plt.close(fig)
-
-
-__all__ = ["QuickstartConfig", "format_table", "run_quickstart"]
+__all__ = ["QuickstartConfig", "check_reusable", "format_table", "run_quickstart", "split_tasks"]
