@@ -1,9 +1,9 @@
 """Ablations of the quickstart: without hypernetwork pretraining, without KL, without ΔW alignment, without fusion.
 
-    python bench/ablation.py --out ablation.json                 # the held-out report, one run per variant
-    python bench/ablation.py --validation 12 --out val.json      # on 12 left-out training tasks (for choosing settings)
-    python bench/ablation.py --fast --out smoke.json             # smoke run
-    python bench/ablation.py --seeds 0 1 2 --jobs 2 --threads 1  # every variant over three seeds: mean ± std
+    python -m bench.ablation --out ablation.json                 # the held-out report, one run per variant
+    python -m bench.ablation --validation 12 --out val.json      # on 12 left-out training tasks (for choosing settings)
+    python -m bench.ablation --fast --out smoke.json             # smoke run
+    python -m bench.ablation --seeds 0 1 2 --jobs 2 --threads 1  # every variant over three seeds: mean ± std
 
 Each variant is the full quickstart (`peft_tagi.quickstart.run_quickstart`) with one change, in its own process;
 `--jobs` runs several at once (each gets its share of the CPU threads). The variants of a seed share its base model,
@@ -45,7 +45,8 @@ VARIANTS = {
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+    """A `--set key=value` value as Python reads it (number, bool, tuple, ...), else the string itself."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -154,7 +155,7 @@ def run_jobs(
     Providers are queued first, so that a run waiting for its provider never holds back the provider itself.
     `share_stages=False`: every run trains all of its stages in `work_dir/VARIANT-seedN`.
     """
-    from peft_tagi.quickstart import SHARED_STAGE_FIELDS, _check_reusable
+    from peft_tagi.quickstart import SHARED_STAGE_FIELDS, check_reusable
 
     threads = threads or max(1, (os.cpu_count() or 2) // jobs)
     first = next(iter(variants.values()))
@@ -164,7 +165,7 @@ def run_jobs(
         reference = _config(first, fast, validation, seed)
         finished = share_stages and (shared / "results.json").is_file()
         if finished:
-            _check_reusable(shared, reference)  # a stale folder from other settings: refuse before any run starts
+            check_reusable(shared, reference)  # a stale folder from other settings: refuse before any run starts
         for index, (name, overrides) in enumerate(variants.items()):
             config = _config(overrides, fast, validation, seed)
             if not share_stages or any(getattr(config, f) != getattr(reference, f) for f in SHARED_STAGE_FIELDS):
@@ -253,7 +254,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}.")
     base_overrides = dict(item.split("=", 1) for item in args.set)
-    base_overrides = {key: _parse_value(value) for key, value in base_overrides.items()}
+    base_overrides = {key: parse_value(value) for key, value in base_overrides.items()}
     variants = {name: {**base_overrides, **VARIANTS[name]} for name in args.variants}
     runs = run_jobs(variants, args.seeds, args.fast, args.validation, args.work_dir, args.jobs, args.threads)
     summary = aggregate(runs)

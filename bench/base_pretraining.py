@@ -1,8 +1,8 @@
 """How the base model's pretraining shapes the teachers: demonstrations cut at "output:" or at random words.
 
-    python bench/base_pretraining.py --seeds 0 1 2 --cuts 0 0.5 --jobs 2 --threads 1 --out bench/results/base_pretraining.json
+    python -m bench.base_pretraining --seeds 0 1 2 --cuts 0 0.5 --jobs 2 --threads 1 --out bench/results/base_pretraining.json
 
-For every (cut, seed): pretrain the quickstart's small T5 (`pretrain_base(..., output_cut=cut)`), train stage
+For every (cut, seed): pretrain the quickstart's small T5 (`peft_tagi.embedded_base.pretrain_base(..., output_cut=cut)`), train stage
 `teachers` on the training tasks minus 12 left out for validation (`validation_tasks=12`), and score the meta-train
 teacher (instruction + input) on those 12 left-out training tasks (canonical wordings) and on 12 tasks it trained on
 (unseen inputs). Held-out tasks are never touched, so a setting chosen from this is chosen on validation only. The
@@ -22,71 +22,68 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.ablation import paired_interval  # noqa: E402
+from bench.ablation import paired_interval
 
 VALIDATION_TASKS = 12
 # A budget below the default run's (base 1500 / teachers 750), the same for every cut.
 BUDGET = {"base_steps": 1000, "teacher_steps": 600}
 
 
-def _run(cut: float, seed: int, work_dir: str, threads: int, fast: bool) -> dict:
-    import datasets
+def run_one(cut: float, seed: int, work_dir: str, threads: int, fast: bool) -> dict:
+    """Pretrain the base with demonstrations cut at "output:" with probability `cut`, train the teachers, and score
+    the meta-train teacher on the left-out and on trained tasks."""
     import torch
-    from peft import get_peft_model
-    from transformers import T5ForConditionalGeneration
 
-    from peft_tagi import quickstart as q
-    from peft_tagi.config import TagiConfig
     from peft_tagi.data.synthetic import SyntheticSuite, suite_tokenizer
+    from peft_tagi.embedded_base import build_base_model, demonstration_texts, pretrain_base
+    from peft_tagi.pipeline import generate_outputs, score, tagi_model, train_stage
+    from peft_tagi.quickstart import QuickstartConfig, split_tasks, stage_arguments
     from peft_tagi.teachers import load_teachers
-    from peft_tagi.trainer import TagiTrainer
 
     torch.set_num_threads(threads)
-    base = q.QuickstartConfig.fast() if fast else q.QuickstartConfig()
+    base = QuickstartConfig.fast() if fast else QuickstartConfig()
     config = dataclasses.replace(base, seed=seed, validation_tasks=VALIDATION_TASKS, **({} if fast else BUDGET))
     out = Path(work_dir) / f"cut{cut}-seed{seed}"
     start = time.perf_counter()
     suite = SyntheticSuite(seed=seed)
     tokenizer = suite_tokenizer(suite)
-    train_tasks, left_out = q.split_tasks(suite, VALIDATION_TASKS)
+    train_tasks, left_out = split_tasks(suite, VALIDATION_TASKS)
     n_texts = 20000 if not fast else 256
-    texts = suite.pretraining_texts(n_texts, seed=seed) + q.demonstration_texts(suite, n_texts, seed)
-    model = q.build_base_model(len(tokenizer), config)
-    losses = q.pretrain_base(model, tokenizer, texts, config, output_cut=cut)
+    texts = suite.pretraining_texts(n_texts, seed=seed) + demonstration_texts(suite, n_texts, seed)
+    model = build_base_model(len(tokenizer), config.base())
+    losses = pretrain_base(model, tokenizer, texts, config.base(), output_cut=cut)
     model.save_pretrained(out / "base")
     torch.manual_seed(seed)
-    tagi_config = TagiConfig(
-        task_type="SEQ_2_SEQ_LM", r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules)
+    model = tagi_model(
+        type(model).from_pretrained(out / "base"),
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.target_modules),
     )
-    model = get_peft_model(T5ForConditionalGeneration.from_pretrained(out / "base"), tagi_config)
     train = suite.examples(train_tasks, config.train_instances, split="train", seed=seed)
-    args = q._training_args(
+    args = stage_arguments(
         out, "teachers", config.teacher_steps, config, group_by="category", overwrite_teachers=True, disable_tqdm=True
     )
-    TagiTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(train), processing_class=tokenizer
-    ).train()
+    train_stage(model, tokenizer, args, train)
     meta, _, _ = load_teachers(out / "teachers" / "teachers")
     tagi = model.base_model
     model.eval()
     weights = tagi.task_weights_from_adapter(meta, fusion=False)
 
-    def score(tasks) -> dict:
+    def evaluate(tasks) -> dict:
         examples = suite.examples(tasks, config.eval_instances, split="eval", seed=seed + 1)
-        with tagi.apply_task_weights(weights):
-            predictions, _ = q._generate(model, tokenizer, [f"{e['instruction']}\n{e['input']}" for e in examples])
-        scores = q._score(predictions, examples, 0.0)
+        texts = [f"{e['instruction']}\n{e['input']}" for e in examples]
+        predictions = generate_outputs(
+            model, tokenizer, texts, lambda: tagi.apply_task_weights(weights), batch_size=64, max_new_tokens=16
+        )
+        scores = score(predictions, examples)
         return {"rougeL": scores["rougeL"], "exact_match": scores["exact_match"]}
 
     return {
         "cut": cut,
         "seed": seed,
-        "validation": score(left_out),
-        "trained_tasks": score(train_tasks[::8][:VALIDATION_TASKS]),
+        "validation": evaluate(left_out),
+        "trained_tasks": evaluate(train_tasks[::8][:VALIDATION_TASKS]),
         "base_final_loss": statistics.fmean(losses[-50:]),
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -139,7 +136,7 @@ def main() -> None:
     start = time.perf_counter()
     jobs = [(cut, seed, args.work_dir, args.threads, args.fast) for seed in args.seeds for cut in args.cuts]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        runs = pool.starmap(_run, jobs, chunksize=1)
+        runs = pool.starmap(run_one, jobs, chunksize=1)
     report = {
         "command": " ".join(sys.argv),
         "budget": BUDGET,

@@ -1,8 +1,8 @@
 """One GPU check: bf16 + gradient-checkpointing distill steps of a t5-large-shaped model, peak memory against
 bench/memory.py's prediction, and a quick inference benchmark (bench/inference.py). Writes `gpu_check.json`.
 
-    python bench/gpu_check.py --out OUT_DIR                          # CUDA, t5-large shape (bench/gpu_check.sh)
-    python bench/gpu_check.py --device cpu --tiny --out OUT_DIR      # the plumbing on a tiny shape (tests)
+    python -m bench.gpu_check --out OUT_DIR                          # CUDA, t5-large shape (bench/gpu_check.sh)
+    python -m bench.gpu_check --device cpu --tiny --out OUT_DIR      # the plumbing on a tiny shape (tests)
 
 The model is random, built from a T5 v1.1-large config (no download). Peak memory is
 `torch.cuda.max_memory_allocated()` over the steps with the model and batch on the device (on the CPU: the live
@@ -14,18 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench import inference, memory  # noqa: E402
-from bench.common import MODES, environment  # noqa: E402
+from bench import inference, memory
+from bench.common import MODES, environment
 
 GPU_WORKLOAD = memory.Workload(batch_size=8, instruction_len=512, input_len=256, output_len=64, num_groups=64)
 TINY_WORKLOAD = memory.Workload(

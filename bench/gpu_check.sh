@@ -21,5 +21,5 @@ if ! has_cuda_torch "$python"; then
 fi
 "$python" -c 'import peft_tagi' 2>/dev/null || "$python" -m pip install --quiet -e .
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
-PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$python" bench/gpu_check.py --device cuda --out "$out" "${@:2}" \
+"$python" -m bench.gpu_check --device cuda --out "$out" "${@:2}" \
     2>&1 | tee "$out/gpu_check.log"

@@ -1,7 +1,7 @@
 """A memory model of TAGI training: predicted peak bytes of each stage, validated against measured steps.
 
-    python bench/memory.py --out memory.json              # table for t5-base ... t5-11b and a Llama-3-8B shape
-    python bench/memory.py --validate --out memory.json   # also measure real CPU steps on small shapes (~1 min)
+    python -m bench.memory --out memory.json              # table for t5-base ... t5-11b and a Llama-3-8B shape
+    python -m bench.memory --validate --out memory.json   # also measure real CPU steps on small shapes (~1 min)
 
 What is counted (bytes, one device, one optimizer step, data-parallel degree 1):
 
@@ -62,20 +62,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = ("teachers", "pretrain", "distill")
 DTYPES = ("fp32", "bf16", "int8", "int4")

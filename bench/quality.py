@@ -1,6 +1,6 @@
 """The quickstart's quality over several seeds: mean ± std of every row, the per-seed rows, and the quality bar.
 
-    python bench/quality.py --seeds 0 1 2 --jobs 2 --threads 1 --out bench/results/quality.json
+    python -m bench.quality --seeds 0 1 2 --jobs 2 --threads 1 --out bench/results/quality.json
 
 Each seed is the whole `peft-tagi quickstart --seed N` (its own process; `--jobs` side by side, each with `--threads`
 torch threads: on 2 cores two one-thread jobs finish sooner in wall time than one two-thread job after another).
@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.ablation import REPORT_ROWS, VARIANTS, _parse_value, aggregate, format_cell, run_jobs  # noqa: E402
+from bench.ablation import REPORT_ROWS, VARIANTS, aggregate, format_cell, parse_value, run_jobs
 
 # The project's quality bar for the embedded default: TAGI well above the frozen base and close to its teacher.
 MIN_GAIN_OVER_BASE = 15.0  # ROUGE-L points
@@ -76,7 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = parser.parse_args()
 
-    overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     start = time.perf_counter()
     runs = run_jobs(
         {"quickstart": {**VARIANTS["quickstart"], **overrides}},

@@ -1,9 +1,9 @@
 """Run every benchmark of TAGI against its alternatives, print the tables and write one JSON file.
 
-    python bench/run.py --quick --out bench.json          # CPU-sized, < 5 minutes on 2 cores
-    python bench/run.py --out bench-full.json             # full sizes (the default mode)
-    python bench/run.py --device cuda --out bench-gpu.json
-    python bench/run.py --smoke --out /tmp/smoke.json      # tiniest sizes, 1 round: checks that everything runs
+    python -m bench.run --quick --out bench.json          # CPU-sized, under 150 s on 2 idle cores
+    python -m bench.run --out bench-full.json             # full sizes (the default mode)
+    python -m bench.run --device cuda --out bench-gpu.json
+    python -m bench.run --smoke --out /tmp/smoke.json      # tiniest sizes, 1 round: checks that everything runs
 
 Benchmarks: 1 inference (bench/inference.py), 2 adapter generation (generation.py), 3 mixed-task batch
 (mixed_batch.py), 4 training time and peak memory (training.py), 5 scaling over r and instruction length
@@ -22,14 +22,12 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from bench import generation, inference, mixed_batch, scaling, training
+from bench.common import MODES, available_cpus, environment, print_result, table
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench import generation, inference, mixed_batch, scaling, training  # noqa: E402
-from bench.common import MODES, available_cpus, environment, print_result, table  # noqa: E402
 
 BENCHMARKS = ("inference", "generation", "mixed_batch", "training", "scaling")
 TITLES = {

@@ -336,7 +336,7 @@ def _sizes_from_json(text: str) -> Sizes:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Memory worker of the training benchmark (run by bench/run.py).")
+    parser = argparse.ArgumentParser(description="Memory worker of the training benchmark (run by bench.run).")
     parser.add_argument("--worker", choices=VARIANTS, required=True)
     parser.add_argument("--sizes", required=True, help="Sizes as JSON")
     parser.add_argument("--device", default="cpu")

@@ -1,7 +1,7 @@
 """Robustness to wording: TAGI's held-out score per evaluation-only paraphrase family, against the same examples in
 training wordings, for finished quickstart runs. Re-evaluates the saved models (trains nothing).
 
-    python bench/wording.py RUN_DIR [RUN_DIR ...] --out wording.json
+    python -m bench.wording RUN_DIR [RUN_DIR ...] --out wording.json
 
 Each RUN_DIR is a finished `peft-tagi quickstart` output folder (holding `results.json` and `work/{base,tagi}`), e.g.
 the per-seed folders of `bench/quality.py`. The examples are those of the quickstart's held-out report (its seed and
@@ -14,24 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def evaluate_run(folder: Path) -> dict:
-    from peft_tagi.cli import load_tagi
+    """Re-evaluate one finished quickstart: TAGI per paraphrase family against the training wordings."""
     from peft_tagi.data.synthetic import SyntheticSuite
-    from peft_tagi.quickstart import (
-        _score,
-        generated_adapter_predictions,
-        paraphrase_family,
-        training_wording_examples,
-        wording_report,
-    )
+    from peft_tagi.pipeline import load_tagi_model, score, serve_by_instruction
+    from peft_tagi.quickstart import GENERATION, wording_report
 
     report = folder / "results.json"
     if not report.is_file():
@@ -41,12 +31,12 @@ def evaluate_run(folder: Path) -> dict:
         raise SystemExit(f"error: {folder} is a validation run; the paraphrase families are for held-out tasks.")
     suite = SyntheticSuite(seed=config["seed"])
     examples = suite.examples(suite.heldout_tasks(), config["eval_instances"], split="eval", seed=config["seed"] + 1)
-    model, tokenizer = load_tagi(str(folder / "work" / "base"), str(folder / "work" / "tagi"))
+    model, tokenizer = load_tagi_model(folder / "work" / "base", folder / "work" / "tagi")
     model.eval()
-    families = [paraphrase_family(suite, e) for e in examples]
-    predictions = generated_adapter_predictions(model, tokenizer, examples)
-    training = training_wording_examples(suite, examples)
-    reference = _score(generated_adapter_predictions(model, tokenizer, training), training, 0.0)
+    families = [suite.paraphrase_family(e) for e in examples]
+    predictions = serve_by_instruction(model, tokenizer, examples, **GENERATION)
+    training = suite.training_wording_examples(examples)
+    reference = score(serve_by_instruction(model, tokenizer, training, **GENERATION), training)
     return {"run": str(folder), "seed": config["seed"], **wording_report(predictions, examples, families, reference)}
 
 

@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_QUICKSTART = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
                    "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
                    "oracle_steps=1", "batch_size=8"]  # fmt: skip
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 EXPECTED_RATIOS = {
     "inference": ["b/a tagi_vs_concat", "c/d merged_vs_base"],
@@ -45,12 +43,14 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--threads", "1", "--out", str(out)],
+        [sys.executable, "-m", "bench.run", "--smoke", "--threads", "1", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        pytest.fail(f"bench/run.py --smoke failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"python -m bench.run --smoke failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return json.loads(out.read_text()), proc.stdout, out, elapsed
 
 
@@ -128,7 +128,7 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     tiny = TINY_QUICKSTART
     out = tmp_path / "ablation.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ablation.py"), "--fast", "--validation", "3", "--variants",
+        [sys.executable, "-m", "bench.ablation", "--fast", "--validation", "3", "--variants",
          "no_kl", "no_fusion", "per_task_teachers", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
          "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -170,7 +170,7 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     assert all(r["resumed"] for r in rerun) and not any(r["resumed"] for r in report["results"])
     assert [r["rows"] for r in rerun] == [r["rows"] for r in report["results"]]
     unknown = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ablation.py"), "--variants", "no_such_variant"],
+        [sys.executable, "-m", "bench.ablation", "--variants", "no_such_variant"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
@@ -194,7 +194,7 @@ def test_memory_cli_writes_its_table(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     out = tmp_path / "memory.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory.py"), "--models", "t5-base", "t5-11b", "--out", str(out)],
+        [sys.executable, "-m", "bench.memory", "--models", "t5-base", "t5-11b", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -220,7 +220,7 @@ def test_memory_cli_writes_its_table(tmp_path):
 def test_gpu_check_runs_on_cpu_tiny(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--steps", "2",
+        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--tiny", "--steps", "2",
          "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -238,7 +238,7 @@ def test_quality_over_seeds_reports_mean_std_and_the_bar(tmp_path):
     tiny = TINY_QUICKSTART
     out = tmp_path / "quality.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--fast", "--seeds", "0", "1", "--jobs", "2",
+        [sys.executable, "-m", "bench.quality", "--fast", "--seeds", "0", "1", "--jobs", "2",
          "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *tiny],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -278,10 +278,10 @@ def test_paired_differences_against_the_full_method():
 
 
 def test_base_pretraining_compares_cuts_paired_by_seed(tmp_path):
-    from bench.base_pretraining import _run, summarise
+    from bench.base_pretraining import run_one, summarise
 
     # One real (tiny) run: base pretraining, the teachers stage, the meta-train teacher scored on both task sets.
-    run = _run(1.0, 0, str(tmp_path), 1, True)
+    run = run_one(1.0, 0, str(tmp_path), 1, True)
     assert run["cut"] == 1.0 and run["seed"] == 0 and math.isfinite(run["base_final_loss"])
     assert (tmp_path / "cut1.0-seed0" / "teachers" / "teachers" / "teachers.json").is_file()
     for split in ("validation", "trained_tasks"):
