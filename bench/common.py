@@ -99,15 +99,21 @@ class Sizes:
 
 
 FULL = Sizes(mode="full")
+# Quick mode is the review run: under 150 s on 2 idle cores. Benchmark 1 keeps its headline row (generate at batch 10)
+# and its forward row on 30 instances; `generate` at batch 1 and 100 is the full run's (most of its 11 minutes), and
+# so is the 1024-token point of the scaling sweep.
 QUICK = Sizes(
     mode="quick",
     num_layers=2,
     num_decoder_layers=2,
+    n_instances=30,
+    serving_batch_sizes=(10,),
     train_batch=4,
     train_tasks=2,
     repeats=3,
-    generation_repeats=7,
-    mixed_repeats=5,
+    generation_repeats=5,
+    mixed_repeats=3,
+    scaling_t=(64, 256, 512),
     scaling_repeats=2,
     scaling_n_instances=20,
     scaling_memory=False,
