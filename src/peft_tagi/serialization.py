@@ -72,6 +72,25 @@ def _refuse_non_folder(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not a folder; choose another path.")
 
 
+def _new_folder(path: Path) -> Path:
+    """An empty temporary folder beside `path`, with the permissions a plain `mkdir` would give it (mkdtemp's are
+    owner-only, and the folder is renamed into place as the user's)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it, which would race with other threads (the demo serves several).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write_dir(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
     """Build a folder with `write(tmp_dir)` next to `path`, then move it into place.
 
@@ -83,7 +102,7 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None], overwrite: bool 
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; pass overwrite=True (or --overwrite) to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _new_folder(path)
     try:
         write(tmp)
         old = None
@@ -152,7 +171,7 @@ def save_pretrained(
         )
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _new_folder(path)
     try:
         if (path / "README.md").is_file():
             # peft updates an existing model card in place; give it the current one so nothing in it is lost.
@@ -177,7 +196,15 @@ _PEFT_SAVE_PRETRAINED = getattr(PeftModel.save_pretrained, "_peft_tagi_original"
 
 
 def install_save_guard() -> None:
-    """Route `PeftModel.save_pretrained` of TAGI models through `save_pretrained` (once; other methods untouched)."""
+    """Route `PeftModel.save_pretrained` of TAGI models through `save_pretrained` (once; other methods untouched).
+
+    What a TAGI checkpoint holds is peft's business and goes through peft's per-method hooks: `TagiModel`'s
+    `_remove_adapter_name_from_key` maps the hypernetwork's keys both ways, and peft's structural selection
+    (`BaseTuner._get_adapter_state_dict`) already takes every `tagi_*` container. How the folder reaches the disk has
+    no hook in peft 0.21: `save_pretrained` writes into the folder file by file, over whatever was there. Refusing a
+    non-empty folder and moving a complete save into place is therefore done here, around peft's own method, which
+    still writes the files.
+    """
     if getattr(PeftModel.save_pretrained, "_peft_tagi_guard", False):
         return
 
