@@ -277,26 +277,39 @@ def test_paired_differences_against_the_full_method():
     assert diffs["worse"]["exact_match"]["mean"] == -1.5
 
 
-def test_base_pretraining_compares_cuts_paired_by_seed(tmp_path):
-    from bench.base_pretraining import run_one, summarise
+def test_base_pretraining_compares_recipes_paired_by_seed(tmp_path):
+    from bench.base_pretraining import RECIPES, run_one, summarise
 
-    # One real (tiny) run: base pretraining, the teachers stage, the meta-train teacher scored on both task sets.
-    run = run_one(1.0, 0, str(tmp_path), 1, True)
-    assert run["cut"] == 1.0 and run["seed"] == 0 and math.isfinite(run["base_final_loss"])
-    assert (tmp_path / "cut1.0-seed0" / "teachers" / "teachers" / "teachers.json").is_file()
-    for split in ("validation", "trained_tasks"):
+    # One real (tiny) run: base pretraining, the teachers stage, the meta-train teacher scored on every split.
+    run = run_one("bart", 0, str(tmp_path), 1, base_steps=4, teacher_steps=2)
+    assert run["recipe"] == "bart" and run["seed"] == 0 and math.isfinite(run["base_final_loss"])
+    assert (tmp_path / "bart-seed0" / "teachers" / "teachers" / "teachers.json").is_file()
+    assert json.loads((tmp_path / "bart-seed0" / "base" / "config.json").read_text())["model_type"] == "bart"
+    for split in ("validation", "trained_tasks", "step_order_requested", "step_order_original", "shuffled_words"):
         assert 0.0 <= run[split]["rougeL"] <= 100.0 and 0.0 <= run[split]["exact_match"] <= 100.0
+    assert {"t5", "bart"} <= set(RECIPES)
 
-    def fake(cut, seed, rouge):
+    def fake(recipe, seed, rouge):
         scores = {"rougeL": rouge, "exact_match": rouge / 4}
-        return {"cut": cut, "seed": seed, "validation": scores, "trained_tasks": {"rougeL": 50.0, "exact_match": 10.0}}
+        return {
+            "recipe": recipe,
+            "seed": seed,
+            "validation": scores,
+            "trained_tasks": {"rougeL": 50.0, "exact_match": 10.0},
+        }
 
-    # Seeds differ by 20 points, the cuts by about 5 on each seed: the paired interval sees it.
-    runs = [fake(0.0, 0, 20.0), fake(0.5, 0, 25.0), fake(0.0, 1, 40.0), fake(0.5, 1, 46.0), fake(0.0, 2, 30.0)]
-    runs += [fake(0.5, 2, 34.0)]
+    # Seeds differ by 20 points, the recipes by about 5 on each seed: the paired interval sees it.
+    runs = [
+        fake("t5", 0, 20.0),
+        fake("bart", 0, 25.0),
+        fake("t5", 1, 40.0),
+        fake("bart", 1, 46.0),
+        fake("t5", 2, 30.0),
+    ]
+    runs += [fake("bart", 2, 34.0)]
     summary = summarise(runs)
-    assert summary["per_cut"]["0.0"]["validation"]["rougeL"]["per_seed"] == [20.0, 40.0, 30.0]
-    assert summary["per_cut"]["0.5"]["validation"]["rougeL"]["mean"] == round((25 + 46 + 34) / 3, 2)
-    diff = summary["minus_first_cut"]["0.5"]["validation/rougeL"]
+    assert summary["per_recipe"]["t5"]["validation"]["rougeL"]["per_seed"] == [20.0, 40.0, 30.0]
+    assert summary["per_recipe"]["bart"]["validation"]["rougeL"]["mean"] == round((25 + 46 + 34) / 3, 2)
+    diff = summary["minus_first_recipe"]["bart"]["validation/rougeL"]
     assert diff["per_seed"] == [5.0, 6.0, 4.0] and diff["mean"] == 5.0 and diff["beyond_noise"] is True
-    assert summary["minus_first_cut"]["0.5"]["trained_tasks/rougeL"]["beyond_noise"] is False
+    assert summary["minus_first_recipe"]["bart"]["trained_tasks/rougeL"]["beyond_noise"] is False

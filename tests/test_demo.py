@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import quickstart_like_folder
 
+from peft_tagi.predict import QUICKSTART_EXAMPLES
+
 pytest.importorskip("gradio", reason='the demo needs the [demo] extra: pip install -e ".[demo]"')
 
 INSTRUCTION = "reverse the words in French"  # "in" and "French" are outside the tiny tokenizer's vocabulary
@@ -129,5 +131,12 @@ def test_demo_page_in_a_headless_browser(demo_url, tmp_path):
         assert Path(screenshot).stat().st_size > 10_000
         # The whole warning shows, "<unk>" included (unescaped, Markdown would swallow it as an HTML tag).
         wait.until(lambda d: "read as <unk>: 'in', 'French'" in d.find_element(By.CSS_SELECTOR, "#warnings").text)
+
+        # With the quickstart's model the page offers two-step examples: a click fills both boxes.
+        [(example, inputs, _), *_] = QUICKSTART_EXAMPLES
+        driver.find_element(By.CSS_SELECTOR, '#examples [data-testid="dataset-cell-0-0"]').click()
+        value = lambda d, box: d.find_element(By.CSS_SELECTOR, f"#{box} textarea").get_attribute("value")  # noqa: E731
+        wait.until(lambda d: value(d, "instruction") == example)
+        assert value(driver, "inputs") == "\n".join(inputs)
     finally:
         driver.quit()

@@ -252,3 +252,60 @@ def test_instruction_swap_examples_ask_for_the_given_task():
         assert row["instruction"] in given.instructions(train=False)
         assert row["references"] == [given.apply(original["input"].split())]
         assert row["own_references"] == original["references"]
+
+
+def _join(template: str, a: str, b: str) -> str:
+    return template.format(a=a, b=b, A=a[:1].upper() + a[1:], B=b[:1].upper() + b[1:])
+
+
+def test_step_order_examples_ask_for_the_steps_the_other_way_round():
+    suite = SyntheticSuite(seed=0)
+    heldout = suite.examples(suite.heldout_tasks(), 30, split="eval", seed=1)
+    swapped = suite.step_order_examples(heldout)
+    assert 0 < len(swapped) < len(heldout)
+    training_wordings = {i for t in suite.train_tasks() for i in t.instructions(train=True)}
+    for row in swapped:
+        task = suite.task(row["task_name"])
+        first, second = task.steps
+        words = row["input"].split()
+        reordered = suite.compose(second.name, first.name)
+        assert row["given_task"] == reordered.name and row["references"] == [reordered.apply(words)]
+        assert row["own_references"] == [task.apply(words)] != row["references"]  # the two orders differ here
+        # The example's own evaluation-only family, with the steps exchanged: never a training wording.
+        k = int(suite.paraphrase_family({**row, "instruction": row["own_instruction"]}).split(":")[0]) - 1
+        assert row["instruction"] == _join(EVAL_FAMILIES[k], second.eval_phrasings[k], first.eval_phrasings[k])
+        assert row["instruction"] not in training_wordings
+    # Tasks whose steps cannot run the other way round ("count" first, "kind" before a step that needs the lexicon)
+    # are left out, as are inputs on which both orders give the same answer.
+    kept = {row["task_name"] for row in swapped}
+    for task in suite.heldout_tasks():
+        first, second = task.steps
+        if second.terminal or (second.leaves_lexicon and first.needs_lexicon):
+            assert task.name not in kept
+    # Training tasks (validation runs) keep their canonical connective, steps exchanged.
+    training = suite.examples(suite.train_tasks()[:4], 3, split="eval", seed=1)
+    for row in suite.step_order_examples(training):
+        first, second = suite.task(row["task_name"]).steps
+        k = suite.task(row["task_name"]).canonical_instructions().index(row["own_instruction"])
+        expected = _join(
+            CONNECTIVES[k], second.phrasings[k % len(second.phrasings)], first.phrasings[k % len(first.phrasings)]
+        )
+        assert row["instruction"] == expected
+
+
+def test_shuffled_instruction_examples_keep_the_words_not_the_sentence():
+    suite = SyntheticSuite(seed=0)
+    examples = suite.examples(suite.heldout_tasks()[:3], 6, split="eval", seed=1)
+    shuffled = suite.shuffled_instruction_examples(examples, seed=0)
+    assert shuffled == suite.shuffled_instruction_examples(examples, seed=0)  # deterministic
+    for original, row in zip(examples, shuffled):
+        words = [w for w in words_of(original["instruction"]) if w[0].isalnum()]
+        assert sorted(words_of(row["instruction"])[:-1]) == sorted(words) and row["instruction"].endswith(".")
+        assert row["instruction"] != original["instruction"]
+        assert {k: v for k, v in row.items() if k != "instruction"} == {
+            k: v for k, v in original.items() if k != "instruction"
+        }
+    # One order per instruction: every example of an instruction reads the same shuffled text.
+    by_instruction = {}
+    for original, row in zip(examples, shuffled):
+        assert by_instruction.setdefault(original["instruction"], row["instruction"]) == row["instruction"]

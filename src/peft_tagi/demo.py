@@ -36,6 +36,7 @@ def build_demo(
     tagi_id: str | None = None,
     max_new_tokens: int = 32,
     num_beams: int = 1,
+    examples: list[tuple[str, str]] | None = None,
 ) -> gr.Blocks:
     """The demo page for a loaded TAGI model.
 
@@ -46,6 +47,7 @@ def build_demo(
             downloaded adapter.
         tagi_id (`str`, *optional*): the TAGI checkpoint's path or Hub id, likewise.
         max_new_tokens, num_beams: generation options.
+        examples: (instruction, inputs one per line) pairs offered as clickable examples under the inputs.
 
     Returns:
         A `gradio.Blocks` with one endpoint, `/generate`: (instruction, inputs one per line) -> (adapter outputs,
@@ -67,7 +69,8 @@ def build_demo(
         warnings = [
             message
             for message in (
-                unknown_words_message(tokenizer, instruction, "instruction"),
+                # The instruction is read by the model's instruction tokenizer (its own encoder's, if it has one).
+                unknown_words_message(model.base_model.instruction_tokenizer or tokenizer, instruction, "instruction"),
                 unknown_words_message(tokenizer, "\n".join(inputs), "inputs"),
             )
             if message
@@ -97,6 +100,13 @@ def build_demo(
         with gr.Row():
             instruction = gr.Textbox(label="Instruction", lines=2, elem_id="instruction")
             inputs = gr.Textbox(label="Inputs, one per line", lines=5, elem_id="inputs")
+        if examples:
+            gr.Examples(
+                examples=[list(example) for example in examples],
+                inputs=[instruction, inputs],
+                label="Examples (click one to fill the boxes): two steps in one instruction",
+                elem_id="examples",
+            )
         run = gr.Button("Generate adapter and outputs", variant="primary", elem_id="run")
         with gr.Row():
             tagi_outputs = gr.Textbox(label="TAGI adapter outputs", lines=5, elem_id="tagi-outputs")

@@ -16,6 +16,31 @@ QUICKSTART_DIR = Path("tagi-quickstart")
 # Where `peft-tagi quickstart` writes its base model (with the tokenizer) and its TAGI checkpoint.
 QUICKSTART_BASE = QUICKSTART_DIR / "work" / "base"
 QUICKSTART_TAGI = QUICKSTART_DIR / "work" / "tagi"
+# What a newcomer tries on the quickstart's model (the README's `predict` example is the first; the demo page offers
+# all): two steps in one instruction, tasks trained on under every quickstart seed 0-4, in training wordings.
+# (instruction, inputs, the correct outputs); tests/test_cli.py checks the outputs against the suite's own tasks.
+QUICKSTART_EXAMPLES = (
+    (
+        "First reverse the order of the words, then remove the first word.",
+        ("cat dog sun tree", "red milk moon"),
+        ("sun dog cat", "milk red"),
+    ),
+    (
+        "First swap the first and the last word, then replace every word with its kind.",
+        ("cat red apple sun",),
+        ("thing color food animal",),
+    ),
+    (
+        "First move the first word to the end, then replace every word with its partner.",
+        ("cat red apple", "sun tree"),
+        ("blue pear dog", "rock moon"),
+    ),
+    (
+        "First write every word twice, then keep only the first two words.",
+        ("fox cup tea",),
+        ("fox fox",),
+    ),
+)
 
 
 def read_inputs(path: str) -> list[str]:
@@ -63,4 +88,4 @@ def load_adapter_folder(path: str) -> TaskAdapter:
         ) from err
 
 
-__all__ = ["QUICKSTART_BASE", "QUICKSTART_TAGI", "load_adapter_folder", "read_inputs"]
+__all__ = ["QUICKSTART_BASE", "QUICKSTART_EXAMPLES", "QUICKSTART_TAGI", "load_adapter_folder", "read_inputs"]
