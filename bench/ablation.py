@@ -41,6 +41,8 @@ VARIANTS = {
     "no_fusion": {**FULL_METHOD, "instruction_fusion": False},
     # Not a removal: ΔW alignment to one parameter teacher per task instead of per category.
     "per_task_teachers": {**FULL_METHOD, "group_by": "task_name"},
+    # Not of the paper: the instructions read by a pretrained sentence encoder (extra [encoder]), against "quickstart".
+    "minilm": {"instruction_encoder": "minilm"},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
@@ -136,6 +138,11 @@ def _run(
         "shared_stages_from": str(reuse_from or out),
         "resumed": results.get("resumed", False),
         **({"wording": results["wording"]} if "wording" in results else {}),
+        **{
+            key: results[key]
+            for key in ("step_order", "shuffled_words", "instruction_reading", "random_instruction", "open_vocabulary")
+            if key in results
+        },
     }
 
 
@@ -248,6 +255,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per job (default: cores / jobs)")
+    parser.add_argument("--reference", default="full", help="the variant the others are compared with, per seed")
     args = parser.parse_args()
 
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -268,9 +276,9 @@ def main() -> None:
         print(f"{name:<30} " + " ".join(f"{format_cell(c):>13}" for c in cells))
         for seed, error in entry["failed"].items():
             print(f"  seed {seed} failed: {error}")
-    differences = paired_differences(runs)
+    differences = paired_differences(runs, reference=args.reference)
     if differences:
-        print("TAGI ROUGE-L minus the full method's, paired by seed (mean ± std, 95 % t interval):")
+        print(f"TAGI ROUGE-L minus the {args.reference!r} variant's, paired by seed (mean ± std, 95 % t interval):")
         for name, entry in differences.items():
             cell = entry["rougeL"]
             verdict = "beyond noise" if cell["beyond_noise"] else "within noise"
@@ -281,7 +289,8 @@ def main() -> None:
         "overrides": base_overrides,
         "seeds": args.seeds,
         "summary": summary,
-        "paired_differences_vs_full": differences,
+        "reference": args.reference,
+        "paired_differences_vs_reference": differences,
         "results": runs,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -251,6 +251,31 @@ def decoder_inputs(n: int, s: Sizes, generator: torch.Generator) -> torch.Tensor
     return ids
 
 
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, ...), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (the peak resident set) to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 
 

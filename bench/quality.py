@@ -11,7 +11,11 @@ to it. A seed whose run stops (e.g. a diverged hypernetwork) is reported as fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,6 +25,70 @@ from bench.ablation import REPORT_ROWS, VARIANTS, aggregate, format_cell, parse_
 # The project's quality bar for the embedded default: TAGI well above the frozen base and close to its teacher.
 MIN_GAIN_OVER_BASE = 15.0  # ROUGE-L points
 MIN_FRACTION_OF_TEACHER = 0.8
+# Exact match, the measure that shows whether the steps were carried out: the goal on the mean and on every seed.
+EXACT_MATCH_GOAL_MEAN = 50.0
+EXACT_MATCH_GOAL_EACH = 40.0
+
+
+def mean_std(values: list[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(values), 2) if values else None,
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "per_seed": [round(v, 2) for v in values],
+    }
+
+
+def instruction_reading(runs: list[dict]) -> dict:
+    """Mean ± std over seeds of the step-order and shuffled-word controls (exact match), for TAGI and the teacher,
+    with the goals of `peft_tagi.quickstart` judged on the means."""
+    from peft_tagi.quickstart import SHUFFLED_OVER_REAL, STEP_ORDER_OVER_HELD_OUT, STEP_ORDER_OVER_ORIGINAL
+
+    done = [r for r in runs if "step_order" in r]
+    out = {}
+    for name in ("tagi", "meta_teacher"):
+        requested = mean_std([r["step_order"][name]["requested"]["exact_match"] for r in done])
+        original = mean_std([r["step_order"][name]["original"]["exact_match"] for r in done])
+        shuffled = mean_std([r["shuffled_words"][name]["exact_match"] for r in done])
+        real = mean_std([r["rows"][name]["exact_match"] for r in done])
+        if not done:
+            out[name] = {}
+            continue
+        goals = {
+            "requested_over_original": (requested["mean"], original["mean"] * STEP_ORDER_OVER_ORIGINAL),
+            "requested_over_held_out": (requested["mean"], real["mean"] * STEP_ORDER_OVER_HELD_OUT),
+        }
+        out[name] = {
+            "step_order_requested": requested,
+            "step_order_original": original,
+            "shuffled_words": shuffled,
+            "real_instructions": real,
+            "goals_on_the_mean": {
+                **{key: {"met": value >= bound and value > 0} for key, (value, bound) in goals.items()},
+                "shuffled_over_real": {"met": shuffled["mean"] <= real["mean"] * SHUFFLED_OVER_REAL},
+            },
+        }
+    return out
+
+
+def predict_example(folder: Path) -> dict:
+    """`peft-tagi predict` with the README's example on one finished run's model, in a fresh process."""
+    from peft_tagi.predict import QUICKSTART_EXAMPLES
+
+    instruction, inputs, expected = QUICKSTART_EXAMPLES[0]
+    command = [sys.executable, "-m", "peft_tagi.cli", "predict", "--model", str(folder / "work" / "base"), "--tagi",
+               str(folder / "work" / "tagi"), "--instruction", instruction]  # fmt: skip
+    for text in inputs:
+        command += ["--input", text]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    outputs = proc.stdout.splitlines()
+    return {
+        "instruction": instruction,
+        "inputs": list(inputs),
+        "outputs": outputs,
+        "expected": list(expected),
+        "correct": [o == e for o, e in zip(outputs, expected)] if proc.returncode == 0 else [],
+        **({"error": proc.stderr[-2000:]} if proc.returncode else {}),
+    }
 
 
 def quality_bar(rows: dict[str, float]) -> dict:
@@ -67,11 +135,25 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="QuickstartConfig overrides")
     parser.add_argument("--validation", type=int, default=0, help="evaluate on N left-out training tasks instead")
     parser.add_argument("--fast", action="store_true", help="smoke run of every seed")
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="the quickstart's --from-scratch recipe (a T5 pretrained in the run)",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = parser.parse_args()
 
     overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.from_scratch:
+        from peft_tagi.quickstart import QuickstartConfig
+
+        if args.fast:
+            default, recipe = QuickstartConfig.fast(), QuickstartConfig.fast(base_model="from-scratch")
+        else:
+            default, recipe = QuickstartConfig(), QuickstartConfig.from_scratch()
+        default, recipe = dataclasses.asdict(default), dataclasses.asdict(recipe)
+        overrides = {**{k: v for k, v in recipe.items() if v != default[k]}, **overrides}
     start = time.perf_counter()
     runs = run_jobs(
         {"quickstart": {**VARIANTS["quickstart"], **overrides}},
@@ -92,6 +174,19 @@ def main() -> None:
         quality_bar({row: summary[row]["rougeL"]["mean"] or 0.0 for row in REPORT_ROWS}) if per_seed_bar else None
     )
     bar_holds = bool(per_seed_bar) and mean_bar["met"] and all(b["met"] for b in per_seed_bar.values())
+
+    done = [r for r in runs if "rows" in r]
+    tagi_em = [r["rows"]["tagi"]["exact_match"] for r in done]
+    exact_match = {
+        "tagi": mean_std(tagi_em),
+        "goal_mean": EXACT_MATCH_GOAL_MEAN,
+        "goal_each_seed": EXACT_MATCH_GOAL_EACH,
+        "met": bool(tagi_em)
+        and statistics.fmean(tagi_em) >= EXACT_MATCH_GOAL_MEAN
+        and min(tagi_em) >= EXACT_MATCH_GOAL_EACH,
+    }
+    reading = instruction_reading(runs)
+    examples = {r["seed"]: predict_example(Path(args.work_dir) / f"quickstart-seed{r['seed']}") for r in done}
 
     evaluated_on = next((r["evaluated_on"] for r in runs if "evaluated_on" in r), "nothing (every run failed)")
     print(f"quickstart over seeds {args.seeds} ({evaluated_on}); {wall:.0f} s wall, {args.jobs} jobs")
@@ -114,6 +209,23 @@ def main() -> None:
         f"quality bar (TAGI ≥ base + {MIN_GAIN_OVER_BASE:.0f} ROUGE-L and ≥ {MIN_FRACTION_OF_TEACHER:.0%} of the "
         f"teacher, on the mean and on every seed): {'met' if bar_holds else 'NOT met'}"
     )
+    print(
+        f"exact match (TAGI ≥ {EXACT_MATCH_GOAL_MEAN:.0f} on the mean, ≥ {EXACT_MATCH_GOAL_EACH:.0f} on every seed): "
+        f"{format_cell(exact_match['tagi'])}, {'met' if exact_match['met'] else 'NOT met'}"
+    )
+    for name, entry in reading.items():
+        if entry:
+            goals = ", ".join(f"{k} {'met' if v['met'] else 'NOT met'}" for k, v in entry["goals_on_the_mean"].items())
+            print(
+                f"{name} reads the instruction (exact match, mean): steps asked the other way: requested order "
+                f"{entry['step_order_requested']['mean']:.1f}, original {entry['step_order_original']['mean']:.1f}; "
+                f"shuffled words {entry['shuffled_words']['mean']:.1f} against {entry['real_instructions']['mean']:.1f}; "
+                f"goals: {goals}"
+            )
+    for seed, example in examples.items():
+        print(
+            f"seed {seed}: peft-tagi predict {example['instruction']!r} -> {example['outputs']} (correct: {example['correct']})"
+        )
 
     out = Path(args.out)
     report = {
@@ -125,6 +237,9 @@ def main() -> None:
         "threads_per_job": args.threads,
         "summary": summary,
         "quality_bar": {"per_seed": per_seed_bar, "mean": mean_bar, "met": bar_holds},
+        "exact_match": exact_match,
+        "instruction_reading": reading,
+        "predict_example": examples,
         "results": runs,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -37,6 +37,8 @@ from bench.common import (
     lora_model,
     progress,
     ratio_entry,
+    reset_peak_rss,
+    status_kib,
     summary,
     tagi_model,
     tokens,
@@ -158,26 +160,6 @@ SETUPS = {"distill": setup_distill, "lora": setup_lora}
 # ---------------------------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Exact bytes of the persistent tensors: all parameters, trainable ones, and the optimizer state."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -219,16 +201,16 @@ def memory_worker(variant: str, s: Sizes, device: torch.device) -> dict:
 
         torch.ones(8, 8) @ torch.ones(8, 8)
         gc.collect()
-        start = _status_kib("VmRSS")
+        start = status_kib("VmRSS")
         step, model, optimizer = SETUPS[variant](s, device, cache=False)
         gc.collect()
-        loaded = _status_kib("VmRSS")
-        load_peak = _status_kib("VmHWM")
-        exact = _reset_peak_rss() and start is not None
+        loaded = status_kib("VmRSS")
+        load_peak = status_kib("VmHWM")
+        exact = reset_peak_rss() and start is not None
         for _ in range(s.memory_steps):
             step()
         if exact:
-            peak = _status_kib("VmHWM")  # the peak of the steps (model-load transients are reported apart)
+            peak = status_kib("VmHWM")  # the peak of the steps (model-load transients are reported apart)
             method = "peak RSS during the steps (VmHWM, reset after load) - RSS after imports"
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -47,12 +47,14 @@ def rank_classification(model, tokenizer, examples: list[dict]) -> float:
     """Accuracy of picking the answer choice with the highest log-likelihood under the generated adapter."""
     model.eval()
     device = next(model.parameters()).device
+    # A model with its own instruction encoder reads instructions with that encoder's tokenizer.
+    instruction_tokenizer = model.base_model.instruction_tokenizer or tokenizer
     scores, gold = [], []
     for example in examples:
         if not example["choices"]:
             continue
         n = len(example["choices"])
-        ins = tokenizer([example["instruction"]] * n, return_tensors="pt", truncation=True).to(device)
+        ins = instruction_tokenizer([example["instruction"]] * n, return_tensors="pt", truncation=True).to(device)
         inp = tokenizer([example["input"]] * n, return_tensors="pt", truncation=True).to(device)
         lab = tokenizer(example["choices"], return_tensors="pt", padding=True).to(device)
         labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)

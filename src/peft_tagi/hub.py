@@ -42,8 +42,8 @@ _REQUIRED_FIELDS = {
     "hypernetwork": (*_COMMON_FIELDS, "pooling", "hypernetwork_hidden_size", "max_instruction_length"),
 }
 _OPTIONAL_FIELDS = {
-    "generated_lora": ("metrics", "tags"),
-    "hypernetwork": ("metrics", "tags", "num_parameters"),
+    "generated_lora": ("metrics", "tags", "instruction_encoder"),
+    "hypernetwork": ("metrics", "tags", "num_parameters", "instruction_encoder"),
 }
 _LOCAL_BASES_WARNED: set[str] = set()
 _AUTO_CLASSES = {"SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "CAUSAL_LM": "AutoModelForCausalLM"}
@@ -163,6 +163,7 @@ def generated_lora_card(adapter, repo_id: str, base_model: str | None, metrics: 
         lora_alpha=adapter.lora_alpha,
         target_modules=adapter.target_modules,
         instruction_fusion=adapter.instruction_states is not None,
+        instruction_encoder=adapter.instruction_encoder,
         metrics=metrics,
     )
 
@@ -177,7 +178,8 @@ def render_card(kind: str, **fields: Any) -> ModelCard:
             `target_modules` and `instruction_fusion`; `generated_lora` also needs `instruction` and `generator`
             (either may be None), `hypernetwork` needs `pooling`, `hypernetwork_hidden_size` and
             `max_instruction_length`. Optional: `metrics` (`dict[str, float]`, rendered as a table), `tags`
-            (extra Hub tags) and, for `hypernetwork`, `num_parameters`.
+            (extra Hub tags), `instruction_encoder` (a separate encoder that reads the instructions) and, for
+            `hypernetwork`, `num_parameters`.
 
     Returns:
         `huggingface_hub.ModelCard` whose metadata has `library_name: peft`, `base_model` (when it is a Hub id),
@@ -335,6 +337,7 @@ def push_tagi_checkpoint(
             hypernetwork_hidden_size=config.hypernetwork_hidden_size,
             max_instruction_length=config.max_instruction_length,
             num_parameters=num_parameters,
+            instruction_encoder=config.instruction_encoder,
             metrics=metrics,
         )
 

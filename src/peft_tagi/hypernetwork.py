@@ -37,6 +37,9 @@ class TagiHypernetwork(nn.Module):
     (kaiming-uniform) so that gradients reach B from the first step. With `normalized_heads` the trunk's features are
     layer-normalised and the heads' outputs multiplied by 1 / hidden_size (see `__init__`), which keeps the generated
     weights at a LoRA's scale in training.
+
+    With a separate instruction encoder (`TagiConfig.instruction_encoder`), `d_model` is the encoder's width and
+    `fusion_dim` the base model's: `fusion_states` projects the encoder's token states for instruction fusion.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class TagiHypernetwork(nn.Module):
         module_embedding_dim: int,
         pooling: str,
         normalized_heads: bool = True,
+        fusion_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.targets = list(targets)
@@ -92,6 +96,18 @@ class TagiHypernetwork(nn.Module):
         self._groups: dict[str, list[int]] = {}
         for i, spec in enumerate(self.targets):
             self._groups.setdefault(spec.head_key, []).append(i)
+        if fusion_dim is not None:
+            # A separate instruction encoder's states (d) become states of the base model's width for the decoder's
+            # cross-attention, normalised as a base encoder's last layer leaves its states.
+            self.fusion_projection = nn.Sequential(nn.Linear(d_model, fusion_dim), nn.LayerNorm(fusion_dim))
+
+    def fusion_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Instruction states (T, S, d) as the decoder reads them with fusion: (T, S, fusion_dim) through the learned
+        projection when the instruction encoder is not the base model's, else `states` unchanged."""
+        if not hasattr(self, "fusion_projection"):
+            return states
+        with torch.autocast(states.device.type, enabled=False):
+            return self.fusion_projection(states.to(self.input_proj.weight.dtype))
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states: (T, S, d), mask: (T, S) -> task vectors (T, d). Padding positions get zero weight."""

@@ -18,6 +18,7 @@ from .checkpointing import checkpointable_modules, wrap_checkpoint_functions
 from .config import TAGI_TARGET_MODULES_MAPPING, TagiConfig
 from .fusion import InstructionFusion
 from .hypernetwork import TagiHypernetwork, TargetSpec
+from .instruction_encoder import InstructionEncoder
 from .layer import TagiLinear, TaskWeights, dispatch_default
 
 logger = logging.get_logger(__name__)
@@ -77,6 +78,9 @@ class TagiModel(BaseTuner):
         self.last_task_weights: TaskWeights | None = None
         # With instruction fusion: the decoder's cross-attention over [instruction ; input] (fusion.py).
         self.fusion: InstructionFusion | None = None
+        # With TagiConfig.instruction_encoder: the frozen encoder that reads the instructions (not a submodule: its
+        # weights are not trained and not saved with the checkpoint).
+        self.instruction_encoder: InstructionEncoder | None = None
         self._layers: dict[str, TagiLinear] = {}
         self._checkpointable: list[tuple[nn.Module, list[TagiLinear]]] = []
 
@@ -132,18 +136,35 @@ class TagiModel(BaseTuner):
         self._layers = {name: m for name, m in model.named_modules() if isinstance(m, TagiLinear)}
         self._checkpointable = checkpointable_modules(model)
         embeddings = model.get_input_embeddings()
+        instruction_dim, fusion_dim = embeddings.embedding_dim, None
+        if config.instruction_encoder is not None:
+            # Loaded (and checked) before the hypernetwork, whose input width is the encoder's; the fingerprint of a
+            # new model's encoder goes into its config, so that loading the checkpoint checks it.
+            def record(found: str) -> None:
+                config.instruction_encoder_fingerprint = found
+
+            self.instruction_encoder = InstructionEncoder(
+                config.instruction_encoder, config.instruction_encoder_fingerprint, on_load=record
+            )
+            if nn.Linear(1, 1).weight.device.type != "meta":
+                # Under peft's low_cpu_mem_usage every new parameter lands on the meta device, so the weights load at
+                # the first instruction encoded instead.
+                self.instruction_encoder.load(embeddings.weight.device)
+            instruction_dim = self.instruction_encoder.hidden_size
+            fusion_dim = embeddings.embedding_dim if config.instruction_fusion else None
         # Built in place on the base model's device (not moved there): under peft's low_cpu_mem_usage the parameters
         # are created on the meta device and a copy would fail; the checkpoint's tensors are assigned later. The
         # hypernetwork stays in float32 whatever the base dtype (see TagiConfig).
         with torch.device(embeddings.weight.device):
             hypernetwork = TagiHypernetwork(
-                d_model=embeddings.embedding_dim,
+                d_model=instruction_dim,
                 targets=self.target_specs,
                 r=config.r,
                 hidden_size=config.hypernetwork_hidden_size,
                 module_embedding_dim=config.module_embedding_dim,
                 pooling=config.pooling,
                 normalized_heads=config.normalized_heads,
+                fusion_dim=fusion_dim,
             )
         # peft's contract: nothing is trainable in inference mode (also PeftModel.from_pretrained(is_trainable=False)).
         hypernetwork.requires_grad_(not config.inference_mode)
@@ -208,11 +229,14 @@ class TagiModel(BaseTuner):
                 "non-empty task instruction."
             )
         limit = self.tagi_config.max_instruction_length
+        message = f"more than max_instruction_length={limit}. Shorten it or raise TagiConfig.max_instruction_length"
+        # Learned absolute positions (BART, BERT, GPT-2, ...) end somewhere: past them the encoder would fail.
+        reader = self.model.config if self.instruction_encoder is None else self.instruction_encoder.config
+        positions = getattr(reader, "max_position_embeddings", None)
+        if positions is not None and positions < limit:
+            limit, message = positions, f"more than the {positions} positions of the model that reads it. Shorten it"
+        message = f"An instruction has {int(lengths.max())} tokens, {message}"
         if int(lengths.max()) > limit:
-            message = (
-                f"An instruction has {int(lengths.max())} tokens, more than max_instruction_length={limit}. "
-                "Shorten it or raise TagiConfig.max_instruction_length"
-            )
             if self.tagi_config.instruction_overflow == "error":
                 raise ValueError(message + ".")
             logger.warning(message + f"; keeping the first {limit} tokens.")
@@ -232,8 +256,16 @@ class TagiModel(BaseTuner):
             for name, layer in self._layers.items():
                 layer._disable_adapters = previous[name]
 
+    @property
+    def instruction_tokenizer(self):
+        """The tokenizer of `instruction_input_ids`: the instruction encoder's, or None for the base model's own."""
+        return None if self.instruction_encoder is None else self.instruction_encoder.tokenizer
+
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Base-model states of instructions (T, S) -> (T, S, d_model), adapters off, no gradient."""
+        """States of instructions (T, S) -> (T, S, d), no gradient: the instruction encoder's (d its width) when
+        there is one, else the base model's (d = d_model) with the adapters off."""
+        if self.instruction_encoder is not None:
+            return self.instruction_encoder(input_ids, attention_mask)
         with torch.no_grad(), self._base_model_only():
             if self.model.config.is_encoder_decoder:
                 out = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
@@ -278,7 +310,7 @@ class TagiModel(BaseTuner):
         return TaskWeights(
             weights=weights,
             row_index=encoded.row_index,
-            states=encoded.states if fusion else None,
+            states=self.hypernetwork.fusion_states(encoded.states) if fusion else None,
             states_mask=encoded.attention_mask if fusion else None,
         )
 
@@ -427,7 +459,11 @@ class TagiModel(BaseTuner):
                 cache[key] = self.new_task_adapter(
                     lora_A={name: a[0].detach().clone() for name, (a, _) in weights.items()},
                     lora_B={name: b[0].detach().clone() for name, (_, b) in weights.items()},
-                    instruction_states=states[0].detach().clone() if config.instruction_fusion else None,
+                    instruction_states=(
+                        self.hypernetwork.fusion_states(states)[0].detach().clone()
+                        if config.instruction_fusion
+                        else None
+                    ),
                     instruction=None if instructions is None else instructions[row],
                 )
             adapters.append(cache[key])
@@ -453,6 +489,7 @@ class TagiModel(BaseTuner):
             instruction_states=instruction_states,
             instruction=instruction,
             base_model_name_or_path=getattr(self.model, "name_or_path", None) or config.base_model_name_or_path,
+            instruction_encoder=config.instruction_encoder,
         )
 
     @property
@@ -537,6 +574,7 @@ class TagiModel(BaseTuner):
         if self.fusion is not None:
             self.fusion.remove()
             self.fusion = None
+        self.instruction_encoder = None
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
         for layer in self._layers.values():
             layer.set_task_weights(None, None)

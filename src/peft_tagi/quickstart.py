@@ -20,12 +20,21 @@ from pathlib import Path
 import datasets
 import torch
 from peft import PeftModel
-from transformers import T5ForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM
 from transformers.utils import logging
 
 from .data.pretraining import pretraining_dataset
 from .data.synthetic import SyntheticSuite, suite_tokenizer
-from .embedded_base import EmbeddedBaseConfig, build_base_model, demonstration_texts, pretrain_base
+from .embedded_base import (
+    EMBEDDED_BASE_DIR,
+    RECIPE_NAME,
+    TARGET_MODULES,
+    EmbeddedBaseConfig,
+    build_base_model,
+    demonstration_texts,
+    load_embedded_base,
+    pretrain_base,
+)
 from .pipeline import (
     generate_outputs,
     group_by_instruction,
@@ -37,6 +46,7 @@ from .pipeline import (
     write_report,
 )
 from .teachers import load_teachers
+from .tokenizer import unknown_words
 
 logger = logging.get_logger(__name__)
 
@@ -47,50 +57,63 @@ ROWS = (
     ("tagi_plain_lora", "TAGI adapter exported, loaded as plain LoRA"),
     ("oracle", "task-LoRA oracle (held-out task's own instances)"),
 )
+BASE_MODELS = ("embedded", "from-scratch")
 # Every row generates greedily, up to 16 tokens, all of one instruction's inputs in one batch.
 GENERATION = {"batch_size": 64, "max_new_tokens": 16}
 
 
 @dataclass
 class QuickstartConfig:
-    """Sizes and budgets of the quickstart. `fast()` gives the CI smoke run.
+    """Sizes and budgets of the quickstart. `fast()` gives the CI smoke run, `from_scratch()` the recipe from before
+    the shipped base (a T5 pretrained inside the run).
 
     Args:
         seed: seed of the suite split, the data and the model initialisations.
-        d_model, num_layers, num_heads, d_ff: shape of the small T5 built from random weights.
+        base_model: `"embedded"` (the pretrained base shipped in the package, `peft_tagi.embedded_base`) or
+            `"from-scratch"` (a T5 of the shape below, pretrained inside the run for `base_steps`).
+        d_model, num_layers, num_heads, d_ff: shape of the from-scratch T5.
+        base_steps, base_learning_rate: its pretraining.
+        demonstrations: mix single-step demonstrations ("reverse the words: cat dog output: dog cat.") into the
+            from-scratch base's pretraining text, the way web text shows simple operations. Only training phrasings
+            of single steps appear; no composition, so no training or held-out task is ever shown solved.
         r, lora_alpha: rank and alpha of every LoRA (teachers, generated adapters, oracle).
-        target_modules: T5 linear layers that receive LoRA weights.
+        target_modules: linear layers that receive LoRA weights; None: all attention and feed-forward projections of
+            the base's architecture (`embedded_base.TARGET_MODULES`).
         train_instances: training examples per training task (teachers and distillation).
         eval_instances: evaluation examples per held-out task.
         oracle_instances: training examples per held-out task for the oracle upper bound only.
-        base_steps, teacher_steps, pretrain_steps, distill_steps, oracle_steps: optimisation steps per stage.
+        teacher_steps, pretrain_steps, distill_steps, oracle_steps: optimisation steps per stage.
         batch_size: examples per step.
+        learning_rate: of every stage (AdamW, linear decay).
         instruction_fusion: whether the TAGI model cross-attends to the instruction.
         lambda_kl, lambda_ins, ins_reduction: distillation weights and the ΔW-alignment scale (see
             `TagiTrainingArguments`).
         group_by: the bank of parameter teachers: one LoRA per `"category"` (the task's first step, as the paper
             does per SNI category) or per `"task_name"`.
-        demonstrations: mix single-step demonstrations ("reverse the words: cat dog output: dog cat.") into the base
-            model's pretraining text, the way web text shows simple operations. Only training phrasings of single
-            steps appear; no composition, so no training or held-out task is ever shown solved.
         validation_tasks: when > 0, a validation run for choosing settings: this many *training* tasks are removed
             from training and evaluated (with training wordings) instead of the held-out tasks, which such a run
             never touches. Settings are chosen this way so that nothing is tuned on the held-out tasks or on the
             evaluation-only paraphrases.
+        instruction_encoder: `TagiConfig.instruction_encoder`: None reads the instructions with the base model's
+            encoder and its word tokenizer; `"minilm"` with a pretrained sentence encoder, whose vocabulary reaches
+            words the quickstart's tokenizer does not know.
     """
 
     seed: int = 0
+    base_model: str = "embedded"
     d_model: int = 128
     num_layers: int = 3
     num_heads: int = 4
     d_ff: int = 512
+    base_steps: int = 1500
+    base_learning_rate: float = 1e-3
+    demonstrations: bool = True
     r: int = 16
     lora_alpha: float = 32
-    target_modules: tuple[str, ...] = ("q", "k", "v", "o", "wi", "wo")
+    target_modules: tuple[str, ...] | None = None
     train_instances: int = 200
     eval_instances: int = 30
     oracle_instances: int = 200
-    base_steps: int = 1500
     # 750 / 750 / 200 (were 900 / 900 / 300): the default run's idle wall time on 2 cores went from 13.0-13.5 min to
     # about 11 min, inside the embedded default's 12-minute budget (docs/quality.md, "Wall time").
     teacher_steps: int = 750
@@ -98,7 +121,6 @@ class QuickstartConfig:
     distill_steps: int = 750
     oracle_steps: int = 200
     batch_size: int = 32
-    base_learning_rate: float = 1e-3
     learning_rate: float = 3e-3
     instruction_fusion: bool = True
     lambda_kl: float = 5.0
@@ -109,22 +131,41 @@ class QuickstartConfig:
     ins_reduction: str = "mean"
     validation_tasks: int = 0
     group_by: str = "category"
-    demonstrations: bool = True
+    instruction_encoder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_model not in BASE_MODELS:
+            raise ValueError(
+                f"QuickstartConfig.base_model must be one of {list(BASE_MODELS)}, got {self.base_model!r}."
+            )
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
     @classmethod
-    def fast(cls) -> QuickstartConfig:
+    def fast(cls, base_model: str = "embedded") -> QuickstartConfig:
         """A smoke run (CI): every step of the pipeline, with budgets far too small to learn much."""
         return cls(
-            d_model=64, num_layers=2, d_ff=128, r=8, lora_alpha=16, train_instances=8, eval_instances=4,
-            oracle_instances=8, base_steps=40, teacher_steps=20, pretrain_steps=10, distill_steps=20, oracle_steps=10,
-            batch_size=16,
+            base_model=base_model, d_model=64, num_layers=2, d_ff=128, r=8, lora_alpha=16, train_instances=8,
+            eval_instances=4, oracle_instances=8, base_steps=40, teacher_steps=20, pretrain_steps=10, distill_steps=20,
+            oracle_steps=10, batch_size=16,
         )  # fmt: skip
 
+    @classmethod
+    def from_scratch(cls, **overrides) -> QuickstartConfig:
+        """The quickstart from before the shipped base: a T5 (d_model 128, 3 + 3 layers, relative positions)
+        pretrained inside the run for 1500 steps, then the same stages with the budgets of that recipe."""
+        recipe = dict(
+            base_model="from-scratch", target_modules=TARGET_MODULES["t5"], teacher_steps=750, pretrain_steps=150,
+            distill_steps=750, oracle_steps=200,
+        )  # fmt: skip
+        return cls(**{**recipe, **overrides})
+
     def base(self) -> EmbeddedBaseConfig:
-        """The shape and pretraining budget of this run's base model."""
+        """The architecture, shape and pretraining budget of a from-scratch base."""
         return EmbeddedBaseConfig(
-            seed=self.seed, d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads, d_ff=self.d_ff,
-            base_steps=self.base_steps, base_learning_rate=self.base_learning_rate, batch_size=self.batch_size,
+            seed=self.seed, architecture="t5", d_model=self.d_model, num_layers=self.num_layers,
+            num_heads=self.num_heads, d_ff=self.d_ff, base_steps=self.base_steps,
+            base_learning_rate=self.base_learning_rate, batch_size=self.batch_size,
         )  # fmt: skip
 
 
@@ -152,7 +193,7 @@ def serve_row(
     model: torch.nn.Module | Callable[[str], torch.nn.Module],
     context: Callable[[str, str], contextlib.AbstractContextManager] | None = None,
     reads_instruction: bool = False,
-) -> dict:
+) -> tuple[dict, list[str]]:
     """Score one report row on `examples`, served one instruction at a time (all of its inputs in one batch).
 
     Args:
@@ -161,7 +202,8 @@ def serve_row(
         reads_instruction: the model reads "instruction\ninput" (the meta-train teacher); otherwise the input alone.
 
     Returns:
-        `score(...)` plus `ms_per_instance`, the time per example with the set-up of each instruction included.
+        `score(...)` plus `ms_per_instance` (the time per example with the set-up of each instruction included), and
+        the predictions.
     """
     predictions = [""] * len(examples)
     start = time.perf_counter()
@@ -173,7 +215,7 @@ def serve_row(
         for i, text in zip(rows, generate_outputs(served, tokenizer, texts, context=ctx, **GENERATION)):
             predictions[i] = text
     seconds = time.perf_counter() - start
-    return {**score(predictions, examples), "ms_per_instance": 1000.0 * seconds / max(1, len(examples))}
+    return {**score(predictions, examples), "ms_per_instance": 1000.0 * seconds / max(1, len(examples))}, predictions
 
 
 def serve_tagi(model, tokenizer, examples: list[dict], adapters: dict) -> tuple[dict, list[str]]:
@@ -182,6 +224,17 @@ def serve_tagi(model, tokenizer, examples: list[dict], adapters: dict) -> tuple[
     predictions = serve_by_instruction(model, tokenizer, examples, adapters=adapters, **GENERATION)
     seconds = time.perf_counter() - start
     return {**score(predictions, examples), "ms_per_instance": 1000.0 * seconds / max(1, len(examples))}, predictions
+
+
+@contextlib.contextmanager
+def _unknown_word_warnings_off():
+    tokenizer_logger = logging.get_logger("peft_tagi.tokenizer")
+    level = tokenizer_logger.level
+    tokenizer_logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        tokenizer_logger.setLevel(level)
 
 
 def wording_report(predictions: list[str], examples: list[dict], families: list[str], training: dict) -> dict:
@@ -213,6 +266,10 @@ def evaluate_rows(
     training_examples: list[dict] | None = None,
     families: list[str] | None = None,
     training_wordings: list[dict] | None = None,
+    step_order: list[dict] | None = None,
+    shuffled: list[dict] | None = None,
+    open_vocabulary: list[dict] | None = None,
+    random_instruction: list[dict] | None = None,
 ) -> dict:
     """Score the five report rows on held-out examples, and the instruction-following and training-task checks.
 
@@ -225,21 +282,29 @@ def evaluate_rows(
     the meta-train teacher and TAGI are scored (`results["training_tasks"]`) to show whether the model under-fits.
     `families`: the paraphrase family of each example, for TAGI's score per family (`results["wording"]`), next to
     its score on `training_wordings` (the same examples with training wordings of their tasks).
+
+    Whether the instruction is read as a sentence, for TAGI and the meta-train teacher: `step_order`, the examples
+    under their task's steps in the other order (`SyntheticSuite.step_order_examples`), scored against the requested
+    and the original order (`results["step_order"]`); `shuffled`, the examples with their instruction's words in a
+    random order (`results["shuffled_words"]`); `random_instruction`, a random string of words in their place
+    (`results["random_instruction"]`, TAGI). `open_vocabulary`: the examples worded in words outside the suite's
+    vocabulary (`SyntheticSuite.open_vocabulary_examples`), TAGI's score next to its score with training wordings
+    (`results["open_vocabulary"]`).
     """
     tagi = model.base_model
     with model.disable_adapter():  # warm-up, so that the first timed row pays no one-off costs
         generate_outputs(model, tokenizer, [e["input"] for e in examples[:8]], **GENERATION)
 
-    results = {"base": serve_row(examples, tokenizer, model, context=lambda *_: model.disable_adapter())}
+    results = {"base": serve_row(examples, tokenizer, model, context=lambda *_: model.disable_adapter())[0]}
 
     meta, _, _ = load_teachers(teachers_dir)
     meta_weights = tagi.task_weights_from_adapter(meta, fusion=False)
 
-    def meta_teacher(on: list[dict]) -> dict:
+    def meta_teacher(on: list[dict]) -> tuple[dict, list[str]]:
         context = lambda *_: tagi.apply_task_weights(meta_weights)  # noqa: E731
         return serve_row(on, tokenizer, model, context=context, reads_instruction=True)
 
-    results["meta_teacher"] = meta_teacher(examples)
+    results["meta_teacher"] = meta_teacher(examples)[0]
 
     adapters: dict = {}
     results["tagi"], tagi_predictions = serve_tagi(model, tokenizer, examples, adapters)
@@ -254,9 +319,46 @@ def evaluate_rows(
             "given_instruction": given,
             "own_task": {**score(predictions, own), "ms_per_instance": given["ms_per_instance"]},
         }
+    if step_order:
+        # Each requested (swapped) order against the original one, for TAGI and for the teacher it distils.
+        results["step_order"] = {"n": len(step_order)}
+        for name, (_, predictions) in (
+            ("tagi", serve_tagi(model, tokenizer, step_order, adapters)),
+            ("meta_teacher", meta_teacher(step_order)),
+        ):
+            own = [{**e, "references": e["own_references"]} for e in step_order]
+            results["step_order"][name] = {
+                "requested": score(predictions, step_order),
+                "original": score(predictions, own),
+            }
+    if shuffled:
+        results["shuffled_words"] = {
+            "tagi": serve_tagi(model, tokenizer, shuffled, adapters)[0],
+            "meta_teacher": meta_teacher(shuffled)[0],
+        }
+    if random_instruction:
+        results["random_instruction"] = {"tagi": serve_tagi(model, tokenizer, random_instruction, adapters)[0]}
+    if open_vocabulary:
+        # Unknown words are the point of this family: one line for it, not a warning per instruction.
+        with _unknown_word_warnings_off():
+            open_row = serve_tagi(model, tokenizer, open_vocabulary, adapters)[0]
+        reader = tagi.instruction_tokenizer or tokenizer
+        unknown = sorted({w.lower() for e in open_vocabulary for w in unknown_words(reader, e["instruction"])})
+        logger.info(
+            f"quickstart: the open-vocabulary family has {len(unknown)} words the instruction tokenizer does not know"
+            + (f" ({', '.join(unknown[:8])}, ...)" if unknown else "")
+        )
+        reference = serve_tagi(model, tokenizer, training_wordings or examples, adapters)[0]
+        results["open_vocabulary"] = {
+            "tagi": open_row,
+            "training_wordings": reference,
+            "fraction_of_training_wordings": {
+                metric: _ratio(open_row[metric], reference[metric]) for metric in ("rougeL", "exact_match")
+            },
+        }
     if training_examples:
         results["training_tasks"] = {
-            "meta_teacher": meta_teacher(training_examples),
+            "meta_teacher": meta_teacher(training_examples)[0],
             "tagi": serve_tagi(model, tokenizer, training_examples, adapters)[0],
         }
 
@@ -266,20 +368,20 @@ def evaluate_rows(
     for n, (instruction, adapter) in enumerate(held_out_adapters.items()):
         folder = adapter.save_lora(work_dir / "exported" / f"task_{n}", overwrite=True)
         plain_models[instruction] = PeftModel.from_pretrained(fresh_base(), folder).eval()
-    results["tagi_plain_lora"] = serve_row(examples, tokenizer, plain_models.__getitem__)
+    results["tagi_plain_lora"] = serve_row(examples, tokenizer, plain_models.__getitem__)[0]
 
     _, oracle_bank, _ = load_teachers(oracle_dir)
     oracle_weights = {task: tagi.task_weights_from_adapter(a, fusion=False) for task, a in oracle_bank.items()}
     results["oracle"] = serve_row(
         examples, tokenizer, model, context=lambda _, task: tagi.apply_task_weights(oracle_weights[task])
-    )
+    )[0]
     return results
 
 
 # What the base pretraining, the teachers and the oracle read from the config: runs that agree on these (and differ
 # only in the hypernetwork's stages, e.g. ablation variants) can share those three stages (`reuse_from`).
 SHARED_STAGE_FIELDS = (
-    "seed", "d_model", "num_layers", "num_heads", "d_ff", "r", "lora_alpha", "target_modules", "train_instances",
+    "seed", "base_model", "d_model", "num_layers", "num_heads", "d_ff", "r", "lora_alpha", "target_modules", "train_instances",
     "oracle_instances", "base_steps", "teacher_steps", "oracle_steps", "batch_size", "base_learning_rate",
     "learning_rate", "validation_tasks", "group_by", "demonstrations",
 )  # fmt: skip
@@ -362,23 +464,37 @@ def run_quickstart(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shared = Path(reuse_from) / "work" if reused is not None else work
-    if reused is None:
+    if reused is not None:
+        base_final_loss = reused["base_pretraining_final_loss"]
+    elif config.base_model == "embedded":
+        # A copy in work/base, where `peft-tagi predict` and `demo` look, as for a base trained here.
+        base, shipped_tokenizer, recipe = load_embedded_base()
+        if shipped_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                "The shipped base's vocabulary differs from the synthetic suite's: the base was made for another "
+                "version of the suite. Rebuild it with `python -m peft_tagi.embedded_base --out src/peft_tagi/embedded`."
+            )
+        tokenizer = shipped_tokenizer  # the same words, truncating at the base's positions
+        base.save_pretrained(work / "base")
+        tokenizer.save_pretrained(work / "base")
+        base_final_loss = json.loads((EMBEDDED_BASE_DIR / RECIPE_NAME).read_text())["final_loss"]
+    else:
         logger.info(f"quickstart: pretraining the base model ({config.base_steps} steps)")
         base = build_base_model(len(tokenizer), config.base()).to(device)
         base_losses = pretrain_base(base, tokenizer, base_texts, config.base())
         base.save_pretrained(work / "base")
         tokenizer.save_pretrained(work / "base")
         base_final_loss = sum(base_losses[-50:]) / max(1, len(base_losses[-50:]))
-    else:
-        base_final_loss = reused["base_pretraining_final_loss"]
-    lap("base pretraining")
+    lap("base pretraining" if config.base_model == "from-scratch" else "base model")
 
     def fresh_base():
-        return T5ForConditionalGeneration.from_pretrained(shared / "base").to(device).eval()
+        return AutoModelForSeq2SeqLM.from_pretrained(shared / "base").to(device).eval()
 
+    architecture = "t5" if fresh_base().config.model_type == "t5" else "bart"
     tagi_options = {
-        "r": config.r, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-        "instruction_fusion": config.instruction_fusion,
+        "r": config.r, "lora_alpha": config.lora_alpha,
+        "target_modules": list(config.target_modules or TARGET_MODULES[architecture]),
+        "instruction_fusion": config.instruction_fusion, "instruction_encoder": config.instruction_encoder,
     }  # fmt: skip
     # Seeded here, so that the hypernetwork's initialisation is the same whether the base was trained or reused.
     torch.manual_seed(config.seed)
@@ -433,6 +549,10 @@ def run_quickstart(
             split="eval",
             seed=config.seed + 1,
         ),
+        step_order=suite.step_order_examples(heldout_eval),
+        shuffled=suite.shuffled_instruction_examples(heldout_eval, seed=config.seed),
+        open_vocabulary=suite.open_vocabulary_examples(heldout_eval),
+        random_instruction=suite.random_instruction_examples(heldout_eval, seed=config.seed),
     )
     lap("evaluation")
 
@@ -446,6 +566,11 @@ def run_quickstart(
         "instruction_swap": rows["instruction_swap"],
         "training_tasks": rows["training_tasks"],
         **({"wording": rows["wording"]} if "wording" in rows else {}),
+        "step_order": rows["step_order"],
+        "shuffled_words": rows["shuffled_words"],
+        "random_instruction": rows["random_instruction"],
+        "open_vocabulary": rows["open_vocabulary"],
+        "instruction_reading": instruction_reading(rows),
         "timings_s": timings,
         "base_pretraining_final_loss": base_final_loss,
         **({"reused_from": str(reuse_from)} if reused is not None else {}),
@@ -453,6 +578,53 @@ def run_quickstart(
     title = f"{results['evaluated_on']}: {results['num_eval_examples']} examples"
     write_report(output_dir, results, ROWS, title)
     return results
+
+
+# Goals for reading the instruction as a sentence (exact match): the requested step order matched at least 3x as
+# often as the original order and at half the held-out score or more; shuffled words at most a third of the score.
+STEP_ORDER_OVER_ORIGINAL = 3.0
+STEP_ORDER_OVER_HELD_OUT = 0.5
+SHUFFLED_OVER_REAL = 1 / 3
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def instruction_reading(rows: dict) -> dict:
+    """For TAGI and the meta-train teacher: the exact-match ratios of the step-order and shuffled-word controls to
+    their references, and whether each meets its goal (None where a reference scored 0: no ratio to judge)."""
+    out = {}
+    for name in ("tagi", "meta_teacher"):
+        order, real = rows["step_order"][name], rows[name]["exact_match"]
+        ratios = {
+            "requested_over_original": (
+                _ratio(order["requested"]["exact_match"], order["original"]["exact_match"]),
+                STEP_ORDER_OVER_ORIGINAL,
+                ">=",
+            ),
+            "requested_over_held_out": (
+                _ratio(order["requested"]["exact_match"], real),
+                STEP_ORDER_OVER_HELD_OUT,
+                ">=",
+            ),
+            "shuffled_over_real": (
+                _ratio(rows["shuffled_words"][name]["exact_match"], real),
+                SHUFFLED_OVER_REAL,
+                "<=",
+            ),
+        }
+        out[name] = {
+            key: {
+                "value": value,
+                "goal": f"{sign} {goal:.3g}",
+                "met": None if value is None else (value >= goal if sign == ">=" else value <= goal),
+            }
+            for key, (value, goal, sign) in ratios.items()
+        }
+        if out[name]["requested_over_original"]["value"] is None and order["requested"]["exact_match"] > 0:
+            out[name]["requested_over_original"]["met"] = True  # the original order is never matched
+    return out
 
 
 def format_table(results: dict) -> str:
@@ -480,6 +652,24 @@ def format_table(results: dict) -> str:
             f"{wording['families_mean']['rougeL']:.1f}); training wordings {wording['training_wordings']['rougeL']:.1f} "
             f"ROUGE-L ({100 * wording['fraction_of_training_wordings']:.0f} %)"
         )
+    order, shuffled = results["step_order"], results["shuffled_words"]
+    for name, label in (("tagi", "TAGI"), ("meta_teacher", "teacher")):
+        lines.append(
+            f"reads the instruction ({label}, exact match): steps asked in the other order: requested order "
+            f"{order[name]['requested']['exact_match']:.1f}, original order {order[name]['original']['exact_match']:.1f} "
+            f"({order['n']} inputs); words shuffled {shuffled[name]['exact_match']:.1f} against "
+            f"{results['rows'][name]['exact_match']:.1f} for the real instructions"
+        )
+    random_row, open_vocabulary = results["random_instruction"]["tagi"], results["open_vocabulary"]
+    lines.append(
+        f"a random string of words in place of the instruction: TAGI {random_row['rougeL']:.1f} ROUGE-L / "
+        f"{random_row['exact_match']:.1f} EM"
+    )
+    lines.append(
+        f"words outside the vocabulary (open-vocabulary family): TAGI {open_vocabulary['tagi']['rougeL']:.1f} ROUGE-L / "
+        f"{open_vocabulary['tagi']['exact_match']:.1f} EM, against {open_vocabulary['training_wordings']['rougeL']:.1f} / "
+        f"{open_vocabulary['training_wordings']['exact_match']:.1f} with training wordings"
+    )
     return "\n".join(lines)
 
 

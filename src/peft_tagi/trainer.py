@@ -231,6 +231,17 @@ class TagiTrainer(Seq2SeqTrainer):
             if processing_class is None:
                 raise ValueError("Pass data_collator= or processing_class= (a tokenizer) to build a TagiDataCollator.")
             data_collator = TagiDataCollator(processing_class, causal=self.causal)
+        if tagi.instruction_tokenizer is not None:
+            # The instructions must be tokenized by the instruction encoder's tokenizer: ids of another vocabulary
+            # would be read as other words, without an error.
+            if not isinstance(data_collator, TagiDataCollator):
+                raise ValueError(
+                    f"This TAGI model reads instructions with {tagi.instruction_encoder.name!r}: pass a "
+                    "TagiDataCollator (TagiTrainer sets its instruction_tokenizer), or tokenize the instructions with "
+                    "model.instruction_tokenizer yourself and pass a TagiDataCollator(instruction_tokenizer=...)."
+                )
+            if data_collator.instruction_tokenizer is None:
+                data_collator.instruction_tokenizer = tagi.instruction_tokenizer
         if isinstance(data_collator, TagiDataCollator) and group_names and data_collator.group_index is None:
             data_collator.group_index = {name: i for i, name in enumerate(group_names)}
             data_collator.group_by = group_by

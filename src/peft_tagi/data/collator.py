@@ -32,6 +32,9 @@ class TagiDataCollator:
         group_by: which example field `group_index` keys on: `"task_name"` or `"category"`.
         teacher_separator: text between instruction and input in the teacher's input.
         causal: True for decoder-only models.
+        instruction_tokenizer: the tokenizer of the instructions when the TAGI model reads them with its own
+            instruction encoder (`TagiModel.instruction_tokenizer`; TagiTrainer fills it in); None: `tokenizer`. The
+            teacher's instruction + input is always read with `tokenizer`.
     """
 
     tokenizer: Any
@@ -42,6 +45,7 @@ class TagiDataCollator:
     group_by: str = "task_name"
     teacher_separator: str = "\n"
     causal: bool = False
+    instruction_tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if self.group_by not in ("task_name", "category"):
@@ -49,8 +53,10 @@ class TagiDataCollator:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token before collating.")
 
-    def _encode(self, texts: list[str], max_length: int, special: bool = True) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
+    def _encode(
+        self, texts: list[str], max_length: int, special: bool = True, tokenizer: Any = None
+    ) -> dict[str, torch.Tensor]:
+        return (tokenizer or self.tokenizer)(
             texts,
             max_length=max_length,
             truncation=True,
@@ -72,7 +78,7 @@ class TagiDataCollator:
         outputs = [f["output"] for f in features]
         teacher_inputs = [f"{ins}{self.teacher_separator}{inp}" for ins, inp in zip(instructions, inputs)]
         batch = {}
-        ins = self._encode(instructions, self.max_instruction_length)
+        ins = self._encode(instructions, self.max_instruction_length, tokenizer=self.instruction_tokenizer)
         batch["instruction_input_ids"], batch["instruction_attention_mask"] = ins["input_ids"], ins["attention_mask"]
         if self.causal:
             batch.update(self._causal(inputs, outputs, prefix=""))

