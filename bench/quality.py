@@ -1,6 +1,7 @@
 """The quickstart's quality over several seeds: mean ± std of every row, the per-seed rows, and the quality bar.
 
     python -m bench.quality --seeds 0 1 2 --jobs 2 --threads 1 --out bench/results/quality.json
+    python -m bench.quality --seeds 0 1 2 --set base_model=embedded --out bench/results/quality_embedded_base.json
 
 Each seed is the whole `peft-tagi quickstart --seed N` (its own process; `--jobs` side by side, each with `--threads`
 torch threads: on 2 cores two one-thread jobs finish sooner in wall time than one two-thread job after another).
@@ -11,7 +12,6 @@ to it. A seed whose run stops (e.g. a diverged hypernetwork) is reported as fail
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -135,25 +135,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="QuickstartConfig overrides")
     parser.add_argument("--validation", type=int, default=0, help="evaluate on N left-out training tasks instead")
     parser.add_argument("--fast", action="store_true", help="smoke run of every seed")
-    parser.add_argument(
-        "--from-scratch",
-        action="store_true",
-        help="the quickstart's --from-scratch recipe (a T5 pretrained in the run)",
-    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = parser.parse_args()
 
     overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    if args.from_scratch:
-        from peft_tagi.quickstart import QuickstartConfig
-
-        if args.fast:
-            default, recipe = QuickstartConfig.fast(), QuickstartConfig.fast(base_model="from-scratch")
-        else:
-            default, recipe = QuickstartConfig(), QuickstartConfig.from_scratch()
-        default, recipe = dataclasses.asdict(default), dataclasses.asdict(recipe)
-        overrides = {**{k: v for k, v in recipe.items() if v != default[k]}, **overrides}
     start = time.perf_counter()
     runs = run_jobs(
         {"quickstart": {**VARIANTS["quickstart"], **overrides}},

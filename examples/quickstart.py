@@ -11,7 +11,7 @@ import datasets
 
 from peft_tagi.data.pretraining import pretraining_dataset
 from peft_tagi.data.synthetic import SyntheticSuite, suite_tokenizer
-from peft_tagi.embedded_base import build_base_model, pretrain_base
+from peft_tagi.embedded_base import TARGET_MODULES, build_base_model, pretrain_base
 from peft_tagi.pipeline import score, serve_by_instruction, tagi_model, train_stage, training_arguments
 from peft_tagi.quickstart import QuickstartConfig
 
@@ -31,7 +31,8 @@ texts = suite.pretraining_texts(20000 if cfg.base_steps > 100 else 256)
 # 1. A small T5 from random weights, pretrained on the suite's plain text (TAGI assumes a pretrained base).
 base = build_base_model(len(tokenizer), cfg.base())
 pretrain_base(base, tokenizer, texts, cfg.base())
-model = tagi_model(base, r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules))
+targets = list(cfg.target_modules or TARGET_MODULES["t5"])  # None: every attention and feed-forward projection
+model = tagi_model(base, r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets)
 
 
 def stage(name, steps, data, teachers=None):

@@ -44,7 +44,7 @@ def smoke(tmp_path_factory):
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--smoke", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,  # the 120 s claim is asserted below
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:

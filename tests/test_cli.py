@@ -124,9 +124,10 @@ def test_quickstart_fast_writes_the_report(tmp_path):
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)
     assert (tmp_path / "qs" / "results.png").stat().st_size > 1000
     assert "TAGI generated adapter (fusion)" in proc.stdout
-    # The shipped base, copied where `predict` and `demo` look for the quickstart's model.
-    assert results["config"]["base_model"] == "embedded" and "base model" in results["timings_s"]
-    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "bart"
+    # The default: a T5 pretrained in the run, saved where `predict` and `demo` look for the quickstart's model.
+    assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "t5"
+    assert "pretraining the base model (40 steps)" in proc.stderr
     # Whether the instruction is read as a sentence, for TAGI and the teacher it distils.
     for name in ("tagi", "meta_teacher"):
         order = results["step_order"][name]
@@ -161,12 +162,14 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert sum(results["timings_s"].values()) < 120
 
 
-def test_quickstart_from_scratch_pretrains_a_t5_in_the_run(tmp_path):
-    proc = cli("quickstart", "--fast", "--from-scratch", "--output-dir", str(tmp_path / "qs"), timeout=600)
+def test_quickstart_on_the_shipped_base_copies_it_where_predict_looks(tmp_path):
+    proc = cli("quickstart", "--fast", "--base-model", "embedded", "--output-dir", str(tmp_path / "qs"), timeout=600)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
-    assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
-    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "t5"
-    assert "pretraining the base model (40 steps)" in proc.stderr
+    assert results["config"]["base_model"] == "embedded" and "base model" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "bart"
+    assert "pretraining the base model" not in proc.stderr
+    wrong = cli("quickstart", "--fast", "--base-model", "t5-small", "--output-dir", str(tmp_path / "x"), check=False)
+    assert wrong.returncode != 0 and "invalid choice: 't5-small'" in wrong.stderr
 
 
 def test_quickstart_reruns_only_with_overwrite(tmp_path):

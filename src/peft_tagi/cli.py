@@ -312,11 +312,10 @@ def cmd_quickstart(args) -> None:
         print(f"The quickstart's tokenizer knows these {len(words)} words and marks (any other word is unknown):")
         print(" ".join(words))
         return
-    base_model = "from-scratch" if args.from_scratch else "embedded"
     if args.fast:
-        config = QuickstartConfig.fast(base_model=base_model)
+        config = QuickstartConfig.fast(base_model=args.base_model)
     else:
-        config = QuickstartConfig.from_scratch() if args.from_scratch else QuickstartConfig()
+        config = QuickstartConfig(base_model=args.base_model)
     config.seed = args.seed
     config.instruction_encoder = args.instruction_encoder
     results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
@@ -444,10 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output-dir", default="tagi-quickstart")
     quick.add_argument("--fast", action="store_true", help="smoke run (under 2 minutes)")
     quick.add_argument(
-        "--from-scratch",
-        action="store_true",
-        help="pretrain a small T5 inside the run instead of loading the shipped base model (the recipe before the "
-        "shipped base, with its budgets)",
+        "--base-model",
+        choices=("from-scratch", "embedded"),  # quickstart.BASE_MODELS, without importing torch for --help
+        default="from-scratch",
+        help="from-scratch (default): a small T5 pretrained inside the run; embedded: the BART shipped in the package "
+        "(stronger teachers, weaker TAGI: docs/quality.md, 'The shipped base')",
     )
     quick.add_argument(
         "--instruction-encoder",
