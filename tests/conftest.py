@@ -120,6 +120,17 @@ def run_python(
     return proc
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Each test starts with the thread count this process started with. Bench workers set theirs
+    (`torch.set_num_threads`); a test calling one in-process would otherwise leave it set for every later test, and a
+    later test comparing this process's floats with a fresh process's (the default count) bitwise would fail: GEMMs
+    split over another number of threads round differently in the last bits."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A tiny T5 and the word tokenizer saved as a local model folder (what --model / --model_name_or_path take)."""
