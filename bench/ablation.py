@@ -196,14 +196,19 @@ def aggregate(runs: list[dict]) -> dict[str, dict]:
         entry = {"seeds": [r["seed"] for r in done], "failed": {r["seed"]: r["error"] for r in runs if r["variant"] == name and "error" in r}}  # fmt: skip
         for row in REPORT_ROWS:
             for metric in ("rougeL", "exact_match"):
-                values = [r["rows"][row][metric] for r in done]
-                entry.setdefault(row, {})[metric] = {
-                    "mean": round(statistics.fmean(values), 2) if values else None,
-                    "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-                    "per_seed": values,
-                }
+                entry.setdefault(row, {})[metric] = mean_std([r["rows"][row][metric] for r in done])
         summary[name] = entry
     return summary
+
+
+def mean_std(values: list[float]) -> dict:
+    """One figure over seeds: its mean and sample std (rounded to 0.01; None / 0.0 when too few) and the per-seed
+    values as measured."""
+    return {
+        "mean": round(statistics.fmean(values), 2) if values else None,
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "per_seed": list(values),
+    }
 
 
 # Two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom (n seeds -> n - 1).

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.ablation import paired_interval
+from bench.ablation import mean_std, paired_interval
 
 VALIDATION_TASKS = 12
 # Base recipes (`EmbeddedBaseConfig` fields). "t5" is the quickstart's from-scratch base; the "t5-cut*" pair is the
@@ -122,16 +122,9 @@ def summarise(runs: list[dict]) -> dict:
         seeds = sorted(s for c, s in by if c == recipe)
         splits = [split for split in SPLITS if split in by[recipe, seeds[0]]]
         summary["per_recipe"][recipe] = {
-            split: {
-                metric: {
-                    "mean": round(statistics.fmean(by[recipe, s][split][metric] for s in seeds), 2),
-                    "std": round(statistics.stdev(by[recipe, s][split][metric] for s in seeds), 2) if len(seeds) > 1 else 0.0,
-                    "per_seed": [round(by[recipe, s][split][metric], 2) for s in seeds],
-                }
-                for metric in METRICS
-            }
+            split: {metric: mean_std([by[recipe, s][split][metric] for s in seeds]) for metric in METRICS}
             for split in splits
-        }  # fmt: skip
+        }
     for recipe in recipes[1:]:
         seeds = sorted(s for c, s in by if c == recipe and (recipes[0], s) in by)
         if len(seeds) < 2:

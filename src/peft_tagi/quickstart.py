@@ -453,7 +453,6 @@ def run_quickstart(
     oracle_train = suite.examples(eval_tasks, config.oracle_instances, split="train", seed=config.seed + 2)
     n_texts = max(4 * config.batch_size, 20000 if config.base_steps > 100 else 256)
     texts = suite.pretraining_texts(n_texts, seed=config.seed)
-    base_texts = texts + (demonstration_texts(suite, n_texts, config.seed) if config.demonstrations else [])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shared = Path(reuse_from) / "work" if reused is not None else work
@@ -461,7 +460,7 @@ def run_quickstart(
         base_final_loss = reused["base_pretraining_final_loss"]
     elif config.base_model == "embedded":
         # A copy in work/base, where `peft-tagi predict` and `demo` look, as for a base trained here.
-        base, shipped_tokenizer, recipe = load_embedded_base()
+        base, shipped_tokenizer, _ = load_embedded_base()
         if shipped_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 "The shipped base's vocabulary differs from the synthetic suite's: the base was made for another "
@@ -473,6 +472,7 @@ def run_quickstart(
         base_final_loss = json.loads((EMBEDDED_BASE_DIR / RECIPE_NAME).read_text())["final_loss"]
     else:
         logger.info(f"quickstart: pretraining the base model ({config.base_steps} steps)")
+        base_texts = texts + (demonstration_texts(suite, n_texts, config.seed) if config.demonstrations else [])
         base = build_base_model(len(tokenizer), config.base()).to(device)
         base_losses = pretrain_base(base, tokenizer, base_texts, config.base())
         base.save_pretrained(work / "base")
@@ -483,15 +483,15 @@ def run_quickstart(
     def fresh_base():
         return AutoModelForSeq2SeqLM.from_pretrained(shared / "base").to(device).eval()
 
-    architecture = "t5" if fresh_base().config.model_type == "t5" else "bart"
-    tagi_options = {
-        "r": config.r, "lora_alpha": config.lora_alpha,
-        "target_modules": list(config.target_modules or TARGET_MODULES[architecture]),
-        "instruction_fusion": config.instruction_fusion, "instruction_encoder": config.instruction_encoder,
-    }  # fmt: skip
     # Seeded here, so that the hypernetwork's initialisation is the same whether the base was trained or reused.
     torch.manual_seed(config.seed)
-    model = tagi_model(fresh_base(), **tagi_options)
+    base_model = fresh_base()
+    tagi_options = {
+        "r": config.r, "lora_alpha": config.lora_alpha,
+        "target_modules": list(config.target_modules or TARGET_MODULES[base_model.config.model_type]),
+        "instruction_fusion": config.instruction_fusion, "instruction_encoder": config.instruction_encoder,
+    }  # fmt: skip
+    model = tagi_model(base_model, **tagi_options)
     train_ds = datasets.Dataset.from_list(train_examples)
 
     if reused is None:
