@@ -301,9 +301,13 @@ def evaluate_rows(
 
     adapters: dict = {}
     results["tagi"], tagi_predictions = serve_tagi(model, tokenizer, examples, adapters)
-    if families is not None and training_wordings is not None:
+    # TAGI on the same examples under their tasks' training wordings: the reference of the wording and
+    # open-vocabulary reports (without them, the examples' own wordings are the reference).
+    training = results["tagi"]
+    if training_wordings is not None:
         training = serve_tagi(model, tokenizer, training_wordings, adapters)[0]
-        results["wording"] = wording_report(tagi_predictions, examples, families, training)
+        if families is not None:
+            results["wording"] = wording_report(tagi_predictions, examples, families, training)
     held_out_adapters = {e["instruction"]: adapters[e["instruction"]] for e in examples}
     if swapped:
         given, predictions = serve_tagi(model, tokenizer, swapped, adapters)
@@ -341,12 +345,11 @@ def evaluate_rows(
             f"quickstart: the open-vocabulary family has {len(unknown)} words the instruction tokenizer does not know"
             + (f" ({', '.join(unknown[:8])}, ...)" if unknown else "")
         )
-        reference = serve_tagi(model, tokenizer, training_wordings or examples, adapters)[0]
         results["open_vocabulary"] = {
             "tagi": open_row,
-            "training_wordings": reference,
+            "training_wordings": training,
             "fraction_of_training_wordings": {
-                metric: _ratio(open_row[metric], reference[metric]) for metric in ("rougeL", "exact_match")
+                metric: _ratio(open_row[metric], training[metric]) for metric in ("rougeL", "exact_match")
             },
         }
     if training_examples:
