@@ -176,6 +176,21 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
 
 
+def test_a_finished_run_from_before_a_setting_existed_is_read_back_as_its_default(tmp_path):
+    from dataclasses import asdict, replace
+
+    from bench.ablation import _finished
+    from peft_tagi.quickstart import QuickstartConfig
+
+    config = QuickstartConfig(seed=1, validation_tasks=12, instruction_encoder="minilm")
+    recorded = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k != "free_wordings"}
+    (tmp_path / "results.json").write_text(json.dumps({"config": recorded, "timings_s": {"teachers": 2.0}}))
+    assert _finished(tmp_path, config, None)["resumed"] is True
+    assert _finished(tmp_path, replace(config, free_wordings=0.5), None) is None  # not what that run did
+    assert _finished(tmp_path, replace(config, seed=2), None) is None
+    assert _finished(tmp_path, config, "elsewhere") is None  # its shared stages came from nowhere else
+
+
 def test_memory_model_predicts_a_measured_step_within_20_percent():
     from bench.memory import VALIDATION_SHAPES, Workload, measure, predict
 

@@ -270,3 +270,42 @@ def test_the_three_stages_train_with_an_encoder(encoder_dir, tmp_path):
     train_stage(model, tokenizer, args, data, teachers=tmp_path / "t" / "teachers")
     after = dict(model.base_model.tagi_hypernetwork.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_encoder_neighbours_assigns_each_phrasing_its_nearest_step_and_splits_scores_by_it(encoder_dir):
+    from bench.encoder_neighbours import nearest_steps, split_by_assignment
+    from peft_tagi.data.synthetic import PRIMITIVES
+
+    result = nearest_steps(encoder_dir)
+    steps = {p.name for p in PRIMITIVES}
+    assert set(result["open_vocabulary"]) == steps and result["steps"] == len(steps)
+    entries = list(result["open_vocabulary"].items()) + [
+        (s, e) for s, rows in result["in_vocabulary"].items() for e in rows
+    ]
+    for step, entry in entries:
+        assert entry["nearest_step"] in steps
+        assert entry["right"] == (entry["nearest_step"] == step)
+        # The own step's best phrasing is the nearest of all exactly when its margin over every other step is > 0.
+        assert entry["right"] == (entry["margin"] > 0) or entry["margin"] == 0
+    assert result["open_vocabulary_right"] == sum(e["right"] for e in result["open_vocabulary"].values())
+
+    assignment = {step: {"right": step != "first_two"} for step in steps}
+    run = lambda open_, train_: {  # noqa: E731
+        "open_vocabulary": {
+            "tagi": {"per_task": {t: {"rougeL": v, "exact_match": v / 2} for t, v in open_.items()}},
+            "training_wordings": {"per_task": {t: {"rougeL": v, "exact_match": v / 2} for t, v in train_.items()}},
+        }
+    }
+    quality = {"results": [
+        run({"first_two_then_count": 10.0, "only_animals_then_drop_first": 40.0}, {"first_two_then_count": 40.0, "only_animals_then_drop_first": 50.0}),
+        run({"first_two_then_count": 30.0, "only_animals_then_drop_first": 60.0}, {"first_two_then_count": 40.0, "only_animals_then_drop_first": 50.0}),
+        {"seed": 2},  # a run without the report (failed) is left out
+    ]}  # fmt: skip
+    split = split_by_assignment(quality, assignment)
+    assert split["a step assigned wrongly"]["task_runs"] == 2
+    assert split["a step assigned wrongly"]["rougeL"] == {
+        "open_vocabulary": 20.0,
+        "training_wordings": 40.0,
+        "fraction": 0.5,
+    }
+    assert split["both steps assigned rightly"]["exact_match"]["fraction"] == 1.0

@@ -12,8 +12,12 @@ from peft_tagi.data.synthetic import (
     CONNECTIVES,
     EMPTY_OUTPUT,
     EVAL_FAMILIES,
+    FREE_WORDING_PHRASINGS,
+    FREE_WORDING_TEMPLATES,
     KIND_OF,
     LEXICON,
+    OPEN_VOCABULARY_PHRASINGS,
+    OPEN_VOCABULARY_TEMPLATES,
     PARTNER_OF,
     PRIMITIVES,
     SyntheticSuite,
@@ -309,3 +313,45 @@ def test_shuffled_instruction_examples_keep_the_words_not_the_sentence():
     by_instruction = {}
     for original, row in zip(examples, shuffled):
         assert by_instruction.setdefault(original["instruction"], row["instruction"]) == row["instruction"]
+
+
+def test_free_wordings_leave_the_open_vocabulary_family_unseen_and_keep_the_teachers_wording():
+    suite = SyntheticSuite(seed=0)
+    vocabulary = set(suite.vocabulary())
+
+    def new_words(texts) -> set[str]:
+        return {w for text in texts for w in words_of(re.sub(r"\{\w+\}", " ", text)) if w not in vocabulary}
+
+    free = [p for phrasings in FREE_WORDING_PHRASINGS.values() for p in phrasings] + list(FREE_WORDING_TEMPLATES)
+    evaluation = list(OPEN_VOCABULARY_PHRASINGS.values()) + list(OPEN_VOCABULARY_TEMPLATES)
+    assert set(FREE_WORDING_PHRASINGS) == {p.name for p in PRIMITIVES}
+    assert new_words(free), "free wordings in the suite's own words would teach nothing new"
+    # No word outside the suite's vocabulary is shared: the open-vocabulary evaluation family stays unseen.
+    assert not new_words(free) & new_words(evaluation)
+    assert not new_words(free) & vocabulary  # and the word tokenizer's vocabulary does not grow
+
+    examples = suite.examples(suite.train_tasks()[:6], 20, split="train", seed=0)
+    reworded = suite.free_wording_examples(examples, 0.5, seed=0)
+    assert reworded == suite.free_wording_examples(examples, 0.5, seed=0)  # deterministic
+    changed = [r for e, r in zip(examples, reworded) if r["instruction"] != e["instruction"]]
+    assert 0.3 * len(examples) < len(changed) < 0.7 * len(examples)
+    for original, row in zip(examples, reworded):
+        assert row["teacher_instruction"] == original["instruction"]
+        assert {k: v for k, v in row.items() if k not in ("instruction", "teacher_instruction")} == {
+            k: v for k, v in original.items() if k != "instruction"
+        }
+        if row["instruction"] != original["instruction"]:
+            first, second = suite.task(row["task_name"]).steps
+            a, b = (FREE_WORDING_PHRASINGS[s.name] for s in (first, second))
+            assert any(
+                row["instruction"] == t.format(a=x, b=y, A=x[:1].upper() + x[1:], B=y[:1].upper() + y[1:])
+                for t in FREE_WORDING_TEMPLATES for x in a for y in b
+            )  # fmt: skip
+    assert [r["instruction"] for r in suite.free_wording_examples(examples, 0.0)] == [
+        e["instruction"] for e in examples
+    ]
+    assert all(
+        r["instruction"] != e["instruction"] for r, e in zip(suite.free_wording_examples(examples, 1.0), examples)
+    )
+    with pytest.raises(ValueError, match="fraction"):
+        suite.free_wording_examples(examples, 1.5)

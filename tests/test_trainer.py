@@ -74,8 +74,34 @@ def test_collator_pads_every_field_and_indexes_tasks():
     teacher_text = tok.decode(batch["teacher_input_ids"][0], skip_special_tokens=True)
     assert teacher_text == f"{rows[0]['instruction']} {rows[0]['input']}"
     assert batch["task_index"].tolist() == [0, -1, -1, 3]
+    # Another wording for the teacher (free wordings for an instruction encoder): the hypernetwork's ids keep the
+    # example's instruction, the teacher reads `teacher_instruction`.
+    reworded = [{**rows[0], "instruction": rows[1]["instruction"], "teacher_instruction": rows[0]["instruction"]}]
+    other = collator(reworded)
+    assert tok.decode(other["teacher_input_ids"][0], skip_special_tokens=True) == teacher_text
+    assert tok.decode(other["instruction_input_ids"][0], skip_special_tokens=True) == rows[1]["instruction"]
     with pytest.raises(ValueError, match="lacks \\['instruction'\\]"):
         collator([{"task_name": "x", "input": "a", "output": "b"}])
+
+
+def test_teachers_read_teacher_instruction_so_another_student_wording_leaves_them_unchanged(tmp_path, toy):
+    """Free wordings (`QuickstartConfig.free_wordings`) give the hypernetwork other words for an instruction; the
+    teachers must still be trained on the original wording: the very same weights."""
+    from peft_tagi.quickstart import QuickstartConfig
+
+    reworded = toy.map(lambda row: {"teacher_instruction": row["instruction"], "instruction": "flip it around"})
+
+    def train(dataset, name):
+        TagiTrainer(
+            model=tagi_t5(), args=args_for(tmp_path / name, "teachers"), train_dataset=dataset,
+            processing_class=word_tokenizer(),
+        ).train()  # fmt: skip
+        folder = tmp_path / name / "teachers" / "teachers"
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+    assert train(toy, "original") == train(reworded, "reworded") != {}
+    with pytest.raises(ValueError, match="needs instruction_encoder"):
+        QuickstartConfig(free_wordings=0.5)
 
 
 def test_causal_collator_masks_the_prompt():

@@ -100,6 +100,10 @@ class QuickstartConfig:
         instruction_encoder: `TagiConfig.instruction_encoder`: None reads the instructions with the base model's
             encoder and its word tokenizer; `"minilm"` with a pretrained sentence encoder, whose vocabulary reaches
             words the quickstart's tokenizer does not know.
+        free_wordings: with an instruction encoder, the fraction of training examples whose instruction is reworded
+            in words outside the suite's vocabulary (`SyntheticSuite.free_wording_examples`), so that the
+            hypernetwork sees several wordings of every step, not only the suite's; the teachers keep reading the
+            original wordings. Never the open-vocabulary evaluation family's words.
     """
 
     seed: int = 0
@@ -135,8 +139,15 @@ class QuickstartConfig:
     validation_tasks: int = 0
     group_by: str = "category"
     instruction_encoder: str | None = None
+    free_wordings: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.free_wordings and self.instruction_encoder is None:
+            raise ValueError(
+                f"QuickstartConfig.free_wordings={self.free_wordings} rewords training instructions in words the "
+                "quickstart's word tokenizer does not know: it needs instruction_encoder (e.g. 'minilm'), or set "
+                "free_wordings=0."
+            )
         if self.base_model not in BASE_MODELS:
             raise ValueError(
                 f"QuickstartConfig.base_model must be one of {list(BASE_MODELS)}, got {self.base_model!r}."
@@ -450,6 +461,8 @@ def run_quickstart(
     tokenizer = suite_tokenizer(suite)
     train_tasks, eval_tasks = split_tasks(suite, config.validation_tasks)
     train_examples = suite.examples(train_tasks, config.train_instances, split="train", seed=config.seed)
+    if config.free_wordings:
+        train_examples = suite.free_wording_examples(train_examples, config.free_wordings, seed=config.seed)
     # "eval": held-out tasks in the evaluation-only wordings, validation tasks in their canonical training wordings.
     heldout_eval = suite.examples(eval_tasks, config.eval_instances, split="eval", seed=config.seed + 1)
     # The oracle's own training instances: inputs from another stream than the evaluation examples.

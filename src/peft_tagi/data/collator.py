@@ -20,7 +20,8 @@ class TagiDataCollator:
         input_ids, attention_mask: (N, L) the student's input, without the instruction.
         labels: (N, T) target ids, padding = -100.
         teacher_input_ids, teacher_attention_mask: (N, L') instruction + separator + input, for the meta-train
-            teacher (the instruction is read with every input, as in Tk-Instruct).
+            teacher (the instruction is read with every input, as in Tk-Instruct); an example's
+            `teacher_instruction`, when it has one, in place of its `instruction`.
         task_index: (N,) index of the example's task (or category) in `group_index`, -1 when unknown or unset.
     For `causal=True` (decoder-only models) the target follows the input in `input_ids`, `labels` masks the prompt,
     and `teacher_labels` does the same for the teacher's sequence.
@@ -76,7 +77,10 @@ class TagiDataCollator:
         instructions = [f["instruction"] for f in features]
         inputs = [f["input"] for f in features]
         outputs = [f["output"] for f in features]
-        teacher_inputs = [f"{ins}{self.teacher_separator}{inp}" for ins, inp in zip(instructions, inputs)]
+        # An example may give the teacher another wording of its instruction than the hypernetwork reads
+        # (`teacher_instruction`, e.g. `SyntheticSuite.free_wording_examples`): words the base's tokenizer knows.
+        teacher_instructions = [f.get("teacher_instruction") or f["instruction"] for f in features]
+        teacher_inputs = [f"{ins}{self.teacher_separator}{inp}" for ins, inp in zip(teacher_instructions, inputs)]
         batch = {}
         ins = self._encode(instructions, self.max_instruction_length, tokenizer=self.instruction_tokenizer)
         batch["instruction_input_ids"], batch["instruction_attention_mask"] = ins["input_ids"], ins["attention_mask"]

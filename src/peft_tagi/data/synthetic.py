@@ -260,6 +260,64 @@ OPEN_VOCABULARY_PHRASINGS: dict[str, str] = {
 }
 OPEN_VOCABULARY_TEMPLATES: tuple[str, ...] = ("To start, {a}; afterwards, {b}.", "{A}. Once that is done, {b}.")
 
+# Training wordings in words outside the suite's vocabulary, for a model that reads its instructions with a pretrained
+# encoder (`QuickstartConfig.free_wordings`): with only the suite's wordings, the hypernetwork learns one small region
+# of the encoder's space per step; these show it that other words for a step mean the same adapter, as Text-to-LoRA
+# trains on several descriptions per task. They share no word outside the suite's vocabulary with the
+# open-vocabulary evaluation family above (tests/test_synthetic.py checks), so that family stays unseen; the word
+# tokenizer never reads them (the teacher keeps reading the original wording, `teacher_instruction`).
+FREE_WORDING_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "reverse": (
+        "invert the ordering of the tokens",
+        "turn the list backwards",
+        "present the entries from last to first",
+    ),
+    "first_two": (
+        "hold on to just the initial two tokens",
+        "preserve solely the two leading entries",
+        "output nothing except the earliest two entries",
+    ),
+    "last_two": (
+        "hold on to just the final two tokens",
+        "preserve solely the two trailing entries",
+        "output nothing except the latest two entries",
+    ),
+    "drop_first": ("get rid of the initial token", "discard the leading entry", "omit the earliest entry"),
+    "drop_last": ("get rid of the final token", "discard the trailing entry", "omit the latest entry"),
+    "swap_ends": (
+        "interchange the initial token and the final token",
+        "let the leading and trailing entries change positions",
+        "exchange the positions of the earliest and latest entries",
+    ),
+    "rotate": (
+        "relocate the initial token to the tail",
+        "send the leading entry to the rear",
+        "transfer the earliest entry so it comes last",
+    ),
+    "double": ("output every token two times in a row", "echo each entry", "produce two copies of every entry"),
+    "partner": (
+        "map every token to its mate",
+        "turn every entry into its companion",
+        "give the matching twin of each entry",
+    ),
+    "kind": ("turn each token into its type", "give the class of every entry", "label each entry by its group"),
+    "only_animals": (
+        "hold on to just the beasts",
+        "discard everything that is not a living being",
+        "filter the list down to fauna",
+    ),
+    "count": (
+        "report how many tokens are present",
+        "give the total number of entries",
+        "compute the length of the list",
+    ),
+}
+FREE_WORDING_TEMPLATES: tuple[str, ...] = (
+    "Begin with this: {a}. Subsequently, {b}.",
+    "{A}, and when finished, {b}.",
+    "Do these in order: {a}, {b}.",
+)
+
 # Plain-text sentences about the lexicon, for pretraining the small base model and the hypernetwork on text.
 _FACT_TEMPLATES: tuple[str, ...] = (
     "{w} is {ak}.",
@@ -679,6 +737,28 @@ class SyntheticSuite:
             out.append({**e, "instruction": instruction})
         return out
 
+    def free_wording_examples(self, examples: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+        """The examples with about `fraction` of them reworded in free wordings (`FREE_WORDING_PHRASINGS`, one of
+        `FREE_WORDING_TEMPLATES`, drawn at random): for training a model that reads instructions with a pretrained
+        encoder. Every example keeps its original instruction as `teacher_instruction`, which the meta-train teacher
+        reads (`TagiDataCollator`); tasks, inputs and answers are unchanged. The same arguments give the same
+        examples."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
+        out = []
+        for i, e in enumerate(examples):
+            rng = random.Random(f"free-wording-{self.seed}-{seed}-{i}-{e['task_name']}-{e['input']}")
+            instruction = e["instruction"]
+            if rng.random() < fraction:
+                first, second = self.task(e["task_name"]).steps
+                instruction = _connect(
+                    rng.choice(FREE_WORDING_TEMPLATES),
+                    rng.choice(FREE_WORDING_PHRASINGS[first.name]),
+                    rng.choice(FREE_WORDING_PHRASINGS[second.name]),
+                )
+            out.append({**e, "instruction": instruction, "teacher_instruction": e["instruction"]})
+        return out
+
     def random_instruction_examples(self, examples: list[dict], seed: int = 0) -> list[dict]:
         """The examples with a random string of the suite's words in place of each instruction (as many words, one
         string per instruction): what a model that ignores its instruction scores as well as with the real one."""
@@ -794,6 +874,8 @@ def synthetic_dataset(
 
 __all__ = [
     "EVAL_FAMILIES",
+    "FREE_WORDING_PHRASINGS",
+    "FREE_WORDING_TEMPLATES",
     "OPEN_VOCABULARY_PHRASINGS",
     "OPEN_VOCABULARY_TEMPLATES",
     "LEXICON",
