@@ -42,9 +42,10 @@ VARIANTS = {
     # Not a removal: ΔW alignment to one parameter teacher per task instead of per category.
     "per_task_teachers": {**FULL_METHOD, "group_by": "task_name"},
     # Not of the paper: the instructions read by a pretrained sentence encoder (extra [encoder]), against "quickstart".
-    "minilm": {"instruction_encoder": "minilm"},
-    # MiniLM, half the training instructions reworded in words outside the suite's vocabulary (not the open-vocabulary
-    # evaluation family's): do other wordings in training carry the adapters to unseen wordings?
+    # MiniLM alone, as measured before free wordings existed.
+    "minilm": {"instruction_encoder": "minilm", "free_wordings": 0.0},
+    # MiniLM with half the training instructions reworded in words outside the suite's vocabulary (never the
+    # open-vocabulary evaluation family's): `peft-tagi quickstart --instruction-encoder minilm` since it won here.
     "minilm_free_wordings": {"instruction_encoder": "minilm", "free_wordings": 0.5},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
@@ -75,6 +76,22 @@ def _wait_for(folder: Path, poll_s: float = 5.0) -> bool:
         time.sleep(poll_s)
 
 
+# Settings added to QuickstartConfig after runs were recorded, with the value that reproduces those runs.
+ADDED_SETTINGS = {"free_wordings": 0.0}
+
+
+def _settings(recorded: dict) -> dict | None:
+    """A config (as `asdict` or a report records it) as the behaviour it stands for: settings added since filled in
+    (`ADDED_SETTINGS`), `free_wordings` resolved; None for a config of settings that no longer exist."""
+    from peft_tagi.quickstart import QuickstartConfig
+
+    try:
+        config = QuickstartConfig(**{**ADDED_SETTINGS, **recorded})
+    except TypeError:
+        return None
+    return json.loads(json.dumps({**asdict(config), "free_wordings": config.free_wording_fraction()}))
+
+
 def _finished(out: Path, config, reuse_from: str | None) -> dict | None:
     """The results in `out` if it holds a finished run of exactly this config (an interrupted ablation resumes
     without redoing them), else None."""
@@ -82,9 +99,7 @@ def _finished(out: Path, config, reuse_from: str | None) -> dict | None:
     if not report.is_file():
         return None
     results = json.loads(report.read_text())
-    # A setting added to QuickstartConfig after the run reads as its default there: the run had its behaviour.
-    recorded = {**json.loads(json.dumps(asdict(type(config)()))), **results["config"]}
-    same_config = recorded == json.loads(json.dumps(asdict(config)))
+    same_config = _settings(results["config"]) == _settings(asdict(config))
     if not same_config or results.get("reused_from") != (str(reuse_from) if reuse_from else None):
         return None
     return {**results, "seconds": round(sum(results["timings_s"].values()), 1), "resumed": True}

@@ -176,19 +176,36 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     assert unknown.returncode != 0 and "unknown variants ['no_such_variant']" in unknown.stderr
 
 
-def test_a_finished_run_from_before_a_setting_existed_is_read_back_as_its_default(tmp_path):
+def test_a_finished_run_is_read_back_only_for_the_settings_it_ran_with(tmp_path):
     from dataclasses import asdict, replace
 
     from bench.ablation import _finished
     from peft_tagi.quickstart import QuickstartConfig
 
-    config = QuickstartConfig(seed=1, validation_tasks=12, instruction_encoder="minilm")
-    recorded = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k != "free_wordings"}
-    (tmp_path / "results.json").write_text(json.dumps({"config": recorded, "timings_s": {"teachers": 2.0}}))
-    assert _finished(tmp_path, config, None)["resumed"] is True
-    assert _finished(tmp_path, replace(config, free_wordings=0.5), None) is None  # not what that run did
-    assert _finished(tmp_path, replace(config, seed=2), None) is None
-    assert _finished(tmp_path, config, "elsewhere") is None  # its shared stages came from nowhere else
+    def record(config, drop=()):
+        recorded = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in drop}
+        (tmp_path / "results.json").write_text(json.dumps({"config": recorded, "timings_s": {"teachers": 2.0}}))
+
+    # A run recorded before free wordings existed ran without them: read back for free_wordings=0, not for the
+    # default, which rewords half the instructions when an instruction encoder reads them.
+    minilm = QuickstartConfig(seed=1, validation_tasks=12, instruction_encoder="minilm")
+    record(minilm, drop=("free_wordings",))
+    assert _finished(tmp_path, replace(minilm, free_wordings=0.0), None)["resumed"] is True
+    assert _finished(tmp_path, minilm, None) is None
+    # Without an encoder the default means no free wordings, as before.
+    default = QuickstartConfig(seed=1, validation_tasks=12)
+    record(default, drop=("free_wordings",))
+    assert _finished(tmp_path, default, None)["resumed"] is True
+    assert _finished(tmp_path, replace(default, seed=2), None) is None
+    assert _finished(tmp_path, default, "elsewhere") is None  # its shared stages came from nowhere else
+    # A report records the fraction the run used; a config that leaves it to the default matches it.
+    record(replace(minilm, free_wordings=minilm.free_wording_fraction()))
+    assert minilm.free_wording_fraction() == 0.5 and _finished(tmp_path, minilm, None) is not None
+    record(default)
+    (tmp_path / "results.json").write_text(
+        (tmp_path / "results.json").read_text().replace('"seed": 1', '"seed": 1, "from_scratch": true')
+    )
+    assert _finished(tmp_path, default, None) is None  # a setting that no longer exists: not this run
 
 
 def test_memory_model_predicts_a_measured_step_within_20_percent():
