@@ -116,6 +116,7 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=600)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert results["config"]["seed"] == 3
+    assert results["config"]["free_wordings"] == 0.0  # the fraction used: none without an instruction encoder
     swap = results["instruction_swap"]
     assert {"given_instruction", "own_task"} == set(swap) and "instruction swap" in proc.stdout
     assert set(results["training_tasks"]) == {"meta_teacher", "tagi"} and "training tasks" in proc.stdout
