@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 
@@ -62,15 +61,9 @@ def nearest_steps(encoder_name: str) -> dict:
 def split_by_assignment(quality: dict, open_vocabulary: dict) -> dict:
     """Held-out open-vocabulary scores (per task, pooled over seeds) for tasks whose two steps the encoder assigns
     rightly against tasks with a wrongly assigned step, each next to the same tasks in training wordings."""
-    from peft_tagi.data.synthetic import PRIMITIVES
+    from peft_tagi.data.synthetic import SyntheticSuite
 
-    names = sorted((p.name for p in PRIMITIVES), key=len, reverse=True)
-
-    def steps_of(task: str) -> tuple[str, str]:
-        for first in names:
-            if task.startswith(first + "_then_") and task[len(first) + 6 :] in names:
-                return first, task[len(first) + 6 :]
-        raise ValueError(f"not a two-step task name: {task!r}")
+    suite = SyntheticSuite()  # every seed's suite holds every two-step task, trained or held out
 
     groups: dict[str, dict[str, list[float]]] = {}
     for run in quality["results"]:
@@ -78,7 +71,7 @@ def split_by_assignment(quality: dict, open_vocabulary: dict) -> dict:
         if not report:
             continue
         for task, row in report["tagi"]["per_task"].items():
-            right = all(open_vocabulary[step]["right"] for step in steps_of(task))
+            right = all(open_vocabulary[step]["right"] for step in suite.task(task).primitives)
             group = groups.setdefault("both steps assigned rightly" if right else "a step assigned wrongly", {})
             reference = report["training_wordings"]["per_task"][task]
             for metric in ("rougeL", "exact_match"):
@@ -106,7 +99,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("encoder_neighbours.json"))
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     result = nearest_steps(args.encoder)
     print(f"encoder {result['encoder']}: the nearest training phrasing is of the right step for")
     print(f"  {result['open_vocabulary_right']} of {result['steps']} open-vocabulary phrasings")

@@ -473,8 +473,9 @@ def run_quickstart(
     tokenizer = suite_tokenizer(suite)
     train_tasks, eval_tasks = split_tasks(suite, config.validation_tasks)
     train_examples = suite.examples(train_tasks, config.train_instances, split="train", seed=config.seed)
-    if config.free_wording_fraction():
-        train_examples = suite.free_wording_examples(train_examples, config.free_wording_fraction(), seed=config.seed)
+    free_wordings = config.free_wording_fraction()
+    if free_wordings:
+        train_examples = suite.free_wording_examples(train_examples, free_wordings, seed=config.seed)
     # "eval": held-out tasks in the evaluation-only wordings, validation tasks in their canonical training wordings.
     heldout_eval = suite.examples(eval_tasks, config.eval_instances, split="eval", seed=config.seed + 1)
     # The oracle's own training instances: inputs from another stream than the evaluation examples.
@@ -578,7 +579,7 @@ def run_quickstart(
     lap("evaluation")
 
     results = {
-        "config": {**asdict(config), "free_wordings": config.free_wording_fraction()},  # as the run used it
+        "config": {**asdict(config), "free_wordings": free_wordings},  # as the run used it
         "evaluated_on": "validation (training tasks left out)" if config.validation_tasks else "held-out tasks",
         "eval_tasks": [t.name for t in eval_tasks],
         "num_train_tasks": len(train_tasks),
