@@ -46,7 +46,10 @@ VARIANTS = {
     "minilm": {"instruction_encoder": "minilm", "free_wordings": 0.0},
     # MiniLM with half the training instructions reworded in words outside the suite's vocabulary (never the
     # open-vocabulary evaluation family's): `peft-tagi quickstart --instruction-encoder minilm` since it won here.
-    "minilm_free_wordings": {"instruction_encoder": "minilm", "free_wordings": 0.5},
+    "minilm_free_wordings": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 3},
+    # The same with twice the phrasings per step and sentence templates to draw from, half or three quarters reworded.
+    "minilm_free_wordings_6": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 6},
+    "minilm_free_wordings_6_75": {"instruction_encoder": "minilm", "free_wordings": 0.75, "free_wording_variety": 6},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
@@ -77,7 +80,7 @@ def _wait_for(folder: Path, poll_s: float = 5.0) -> bool:
 
 
 # Settings added to QuickstartConfig after runs were recorded, with the value that reproduces those runs.
-ADDED_SETTINGS = {"free_wordings": 0.0}
+ADDED_SETTINGS = {"free_wordings": 0.0, "free_wording_variety": 3}
 
 
 def _settings(recorded: dict) -> dict | None:

@@ -355,3 +355,15 @@ def test_free_wordings_leave_the_open_vocabulary_family_unseen_and_keep_the_teac
     )
     with pytest.raises(ValueError, match="fraction"):
         suite.free_wording_examples(examples, 1.5)
+    # `variety` draws from the first phrasings and templates only; the default draws from all of them.
+    few = {r["instruction"] for r in suite.free_wording_examples(examples, 1.0, variety=1)}
+    assert all(FREE_WORDING_PHRASINGS[suite.task(r["task_name"]).steps[0].name][0] in r["instruction"].lower()
+               for r in suite.free_wording_examples(examples, 1.0, variety=1))  # fmt: skip
+    assert len(few) == len({e["task_name"] for e in examples})  # one wording per task
+    every = suite.free_wording_examples(examples, 1.0)
+    assert any(
+        all(p not in r["instruction"].lower() for p in FREE_WORDING_PHRASINGS[suite.task(r["task_name"]).steps[0].name][:3])
+        for r in every
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="variety"):
+        suite.free_wording_examples(examples, 0.5, variety=len(FREE_WORDING_TEMPLATES) + 1)

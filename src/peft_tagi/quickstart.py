@@ -110,6 +110,8 @@ class QuickstartConfig:
             hypernetwork sees several wordings of every step, not only the suite's; the teachers keep reading the
             original wordings. Never the open-vocabulary evaluation family's words. None (default):
             `FREE_WORDINGS_WITH_ENCODER` with an instruction encoder, 0 without (`free_wording_fraction()`).
+        free_wording_variety: how many phrasings of each step and sentence templates the free wordings draw from
+            (the first ones of `FREE_WORDING_PHRASINGS` and `FREE_WORDING_TEMPLATES`).
     """
 
     seed: int = 0
@@ -146,6 +148,7 @@ class QuickstartConfig:
     group_by: str = "category"
     instruction_encoder: str | None = None
     free_wordings: float | None = None
+    free_wording_variety: int = 3
 
     def __post_init__(self) -> None:
         if self.free_wordings and self.instruction_encoder is None:
@@ -475,7 +478,9 @@ def run_quickstart(
     train_examples = suite.examples(train_tasks, config.train_instances, split="train", seed=config.seed)
     free_wordings = config.free_wording_fraction()
     if free_wordings:
-        train_examples = suite.free_wording_examples(train_examples, free_wordings, seed=config.seed)
+        train_examples = suite.free_wording_examples(
+            train_examples, free_wordings, seed=config.seed, variety=config.free_wording_variety
+        )
     # "eval": held-out tasks in the evaluation-only wordings, validation tasks in their canonical training wordings.
     heldout_eval = suite.examples(eval_tasks, config.eval_instances, split="eval", seed=config.seed + 1)
     # The oracle's own training instances: inputs from another stream than the evaluation examples.

@@ -271,51 +271,106 @@ FREE_WORDING_PHRASINGS: dict[str, tuple[str, ...]] = {
         "invert the ordering of the tokens",
         "turn the list backwards",
         "present the entries from last to first",
+        "mirror the arrangement of the entries",
+        "go through the tokens from the end to the beginning",
+        "write the list in opposite order",
     ),
     "first_two": (
         "hold on to just the initial two tokens",
         "preserve solely the two leading entries",
         "output nothing except the earliest two entries",
+        "truncate the list after its second token",
+        "select the front two entries",
+        "give the beginning two tokens alone",
     ),
     "last_two": (
         "hold on to just the final two tokens",
         "preserve solely the two trailing entries",
         "output nothing except the latest two entries",
+        "cut away everything before the second to last token",
+        "select the rear two entries",
+        "give the ending two tokens alone",
     ),
-    "drop_first": ("get rid of the initial token", "discard the leading entry", "omit the earliest entry"),
-    "drop_last": ("get rid of the final token", "discard the trailing entry", "omit the latest entry"),
+    "drop_first": (
+        "get rid of the initial token",
+        "discard the leading entry",
+        "omit the earliest entry",
+        "skip the front entry",
+        "throw away the beginning token",
+        "leave out the entry at the front",
+    ),
+    "drop_last": (
+        "get rid of the final token",
+        "discard the trailing entry",
+        "omit the latest entry",
+        "skip the rear entry",
+        "throw away the ending token",
+        "leave out the entry at the end",
+    ),
     "swap_ends": (
         "interchange the initial token and the final token",
         "let the leading and trailing entries change positions",
         "exchange the positions of the earliest and latest entries",
+        "switch the front entry with the rear entry",
+        "put the final token in front and the initial token at the end",
+        "make the outermost two entries change seats",
     ),
     "rotate": (
         "relocate the initial token to the tail",
         "send the leading entry to the rear",
         "transfer the earliest entry so it comes last",
+        "cycle the list left by one position",
+        "take the front entry and append it at the end",
+        "let the beginning token join the list at its tail",
     ),
-    "double": ("output every token two times in a row", "echo each entry", "produce two copies of every entry"),
+    "double": (
+        "output every token two times in a row",
+        "echo each entry",
+        "produce two copies of every entry",
+        "write each token followed by a copy of itself",
+        "say every entry twice in a row",
+        "repeat each token one more time",
+    ),
     "partner": (
         "map every token to its mate",
         "turn every entry into its companion",
         "give the matching twin of each entry",
+        "convert each token to the word associated with it",
+        "replace every entry by its mate",
+        "name the companion of every token",
     ),
-    "kind": ("turn each token into its type", "give the class of every entry", "label each entry by its group"),
+    "kind": (
+        "turn each token into its type",
+        "give the class of every entry",
+        "label each entry by its group",
+        "classify every token",
+        "name the family every entry belongs to",
+        "write what sort of thing each token is",
+    ),
     "only_animals": (
         "hold on to just the beasts",
         "discard everything that is not a living being",
         "filter the list down to fauna",
+        "select the animal entries alone",
+        "throw away all entries except the critters",
+        "leave nothing but the zoological tokens",
     ),
     "count": (
         "report how many tokens are present",
         "give the total number of entries",
         "compute the length of the list",
+        "say how many entries there are",
+        "measure the size of the list",
+        "output the quantity of tokens",
     ),
 }
 FREE_WORDING_TEMPLATES: tuple[str, ...] = (
     "Begin with this: {a}. Subsequently, {b}.",
     "{A}, and when finished, {b}.",
     "Do these in order: {a}, {b}.",
+    "Initially, {a}. Following this, {b}.",
+    "Your job is two operations. Operation one: {a}. Operation two: {b}.",
+    "{A}, and as a second operation, {b}.",
 )
 
 # Plain-text sentences about the lexicon, for pretraining the small base model and the hypernetwork on text.
@@ -737,14 +792,20 @@ class SyntheticSuite:
             out.append({**e, "instruction": instruction})
         return out
 
-    def free_wording_examples(self, examples: list[dict], fraction: float, seed: int = 0) -> list[dict]:
-        """The examples with about `fraction` of them reworded in free wordings (`FREE_WORDING_PHRASINGS`, one of
-        `FREE_WORDING_TEMPLATES`, drawn at random): for training a model that reads instructions with a pretrained
-        encoder. Every example keeps its original instruction as `teacher_instruction`, which the meta-train teacher
-        reads (`TagiDataCollator`); tasks, inputs and answers are unchanged. The same arguments give the same
-        examples."""
+    def free_wording_examples(
+        self, examples: list[dict], fraction: float, seed: int = 0, variety: int | None = None
+    ) -> list[dict]:
+        """The examples with about `fraction` of them reworded in free wordings (one of the first `variety`
+        `FREE_WORDING_PHRASINGS` of each step and of the first `variety` `FREE_WORDING_TEMPLATES`, drawn at random;
+        None: all of them): for training a model that reads instructions with a pretrained encoder. Every example
+        keeps its original instruction as `teacher_instruction`, which the meta-train teacher reads
+        (`TagiDataCollator`); tasks, inputs and answers are unchanged. The same arguments give the same examples."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
+        most = min(len(FREE_WORDING_TEMPLATES), *(len(p) for p in FREE_WORDING_PHRASINGS.values()))
+        variety = most if variety is None else variety
+        if not 1 <= variety <= most:
+            raise ValueError(f"variety must be between 1 and {most} (the free wordings there are), got {variety}.")
         out = []
         for i, e in enumerate(examples):
             rng = random.Random(f"free-wording-{self.seed}-{seed}-{i}-{e['task_name']}-{e['input']}")
@@ -752,9 +813,9 @@ class SyntheticSuite:
             if rng.random() < fraction:
                 first, second = self.task(e["task_name"]).steps
                 instruction = _connect(
-                    rng.choice(FREE_WORDING_TEMPLATES),
-                    rng.choice(FREE_WORDING_PHRASINGS[first.name]),
-                    rng.choice(FREE_WORDING_PHRASINGS[second.name]),
+                    rng.choice(FREE_WORDING_TEMPLATES[:variety]),
+                    rng.choice(FREE_WORDING_PHRASINGS[first.name][:variety]),
+                    rng.choice(FREE_WORDING_PHRASINGS[second.name][:variety]),
                 )
             out.append({**e, "instruction": instruction, "teacher_instruction": e["instruction"]})
         return out
