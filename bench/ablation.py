@@ -50,6 +50,9 @@ VARIANTS = {
     # The same with twice the phrasings per step and sentence templates to draw from, half or three quarters reworded.
     "minilm_free_wordings_6": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 6},
     "minilm_free_wordings_6_75": {"instruction_encoder": "minilm", "free_wordings": 0.75, "free_wording_variety": 6},
+    # The base shipped in the package (a BART, learned absolute positions) read through MiniLM with free wordings: a
+    # candidate default for exact match (it trains its own base-dependent stages).
+    "embedded_minilm_free_wordings": {"base_model": "embedded", "instruction_encoder": "minilm", "free_wordings": 0.5},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
