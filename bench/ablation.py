@@ -50,6 +50,10 @@ VARIANTS = {
     # The same with twice the phrasings per step and sentence templates to draw from, half or three quarters reworded.
     "minilm_free_wordings_6": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 6},
     "minilm_free_wordings_6_75": {"instruction_encoder": "minilm", "free_wordings": 0.75, "free_wording_variety": 6},
+    # The hypernetwork reads the instruction with learned queries, each with a preference for where in the
+    # instruction a token sits, instead of one mean: can it tell "a, then b" from "b, then a"?
+    "pooling_queries_2": {"pooling": "attention", "pooling_queries": 2},
+    "pooling_queries_4": {"pooling": "attention", "pooling_queries": 4},
     # The base shipped in the package (a BART, learned absolute positions) read through MiniLM with free wordings: a
     # candidate default for exact match (it trains its own base-dependent stages).
     "embedded_minilm_free_wordings": {"base_model": "embedded", "instruction_encoder": "minilm", "free_wordings": 0.5},
@@ -83,7 +87,7 @@ def _wait_for(folder: Path, poll_s: float = 5.0) -> bool:
 
 
 # Settings added to QuickstartConfig after runs were recorded, with the value that reproduces those runs.
-ADDED_SETTINGS = {"free_wordings": 0.0, "free_wording_variety": 3}
+ADDED_SETTINGS = {"free_wordings": 0.0, "free_wording_variety": 3, "pooling": "mean", "pooling_queries": 1}
 
 
 def _settings(recorded: dict) -> dict | None:

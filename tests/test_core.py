@@ -66,6 +66,8 @@ def test_config_documents_every_field():
         ("lora_alpha", -1, "lora_alpha must be a positive number"),
         ("lora_dropout", 1.5, "lora_dropout must be in [0, 1)"),
         ("pooling", "max", "pooling must be one of ['mean', 'attention']"),
+        ("pooling_queries", 0, "pooling_queries must be a positive integer"),
+        ("pooling_queries", 2, "needs learned queries: set pooling='attention'"),
         ("instruction_overflow", "drop", "instruction_overflow must be one of ['truncate', 'error']"),
         ("max_instruction_length", 0, "max_instruction_length must be a positive integer"),
         ("hypernetwork_hidden_size", 2.5, "hypernetwork_hidden_size must be a positive integer"),
@@ -174,8 +176,9 @@ def test_identical_instructions_are_encoded_and_generated_once():
     assert adapters[0] is adapters[1] is adapters[3] and adapters[2] is not adapters[0]
 
 
-def test_padding_does_not_change_the_generated_adapter():
-    model = tagi("t5", pooling="attention")
+@pytest.mark.parametrize("queries", [1, 3])
+def test_padding_does_not_change_the_generated_adapter(queries):
+    model = tagi("t5", pooling="attention", pooling_queries=queries)
     randomize_hypernetwork(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     padded = torch.tensor([[5, 6, 7, 8, 0, 0, 0]])
@@ -183,6 +186,46 @@ def test_padding_does_not_change_the_generated_adapter():
     [a] = model.generate_adapter(ids)
     [b] = model.generate_adapter(padded, mask)
     assert all(torch.equal(a.lora_A[n], b.lora_A[n]) and torch.equal(a.lora_B[n], b.lora_B[n]) for n in a.lora_A)
+
+
+def test_several_pooling_queries_read_where_the_steps_are_written():
+    """A mean is the same for "a, then b" and "b, then a"; queries with position biases are not. Fresh, every query
+    is the masked mean, so a fresh hypernetwork with several queries reads the instruction as the mean does."""
+    from peft_tagi.hypernetwork import TagiHypernetwork, TargetSpec
+
+    torch.manual_seed(0)
+    states, mask = torch.randn(1, 8, 16), torch.ones(1, 8)
+    swapped = torch.cat([states[:, 4:], states[:, :4]], dim=1)  # the second half's tokens written first
+
+    def make(pooling, queries):
+        torch.manual_seed(0)
+        return TagiHypernetwork(16, [TargetSpec("q", 16, 16)], 2, 8, 4, pooling=pooling, pooling_queries=queries)
+
+    mean, queried = make("mean", 1), make("attention", 2)
+    assert torch.allclose(queried.pool(states, mask), states.mean(1, keepdim=True).expand(1, 2, 16), atol=1e-6)
+    assert torch.allclose(mean.pool(states, mask), mean.pool(swapped, mask), atol=1e-6)
+    with torch.no_grad():  # query 0 reads the first half of the instruction, query 1 the second
+        queried.pool_position_bias.copy_(torch.tensor([[4.0] * 4 + [-4.0] * 4, [-4.0] * 4 + [4.0] * 4]))
+    pooled = queried.pool(states, mask)
+    assert torch.allclose(pooled.flip(1), queried.pool(swapped, mask), atol=1e-6)
+    assert not torch.allclose(pooled, queried.pool(swapped, mask), atol=1e-2)
+    first, second = queried(states, mask)["q"], queried(swapped, mask)["q"]
+    assert not torch.allclose(first[0], second[0], atol=1e-4)  # a different adapter for the other order
+
+
+def test_several_pooling_queries_save_and_reload(tmp_path):
+    base = tiny_t5()
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(
+        base,
+        TagiConfig(task_type="SEQ_2_SEQ_LM", r=4, hypernetwork_hidden_size=32, pooling="attention", pooling_queries=3),
+    )
+    randomize_hypernetwork(model)
+    batch = make_batch("t5")
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())["pooling_queries"] == 3
+    assert torch.equal(_logits(PeftModel.from_pretrained(fresh, tmp_path / "ckpt"), batch), expected)
 
 
 # ---------------------------------------------------------------- 5. fusion

@@ -38,12 +38,14 @@ class SetUp:
     targets: list[str]
     fusion: bool
     pooling: str
+    pooling_queries: int
     batch: dict[str, torch.Tensor]
 
     def config(self) -> TagiConfig:
         return TagiConfig(
             task_type=task_type(self.family), r=self.r, lora_alpha=2 * self.r, target_modules=self.targets,
-            instruction_fusion=self.fusion, pooling=self.pooling, hypernetwork_hidden_size=16, module_embedding_dim=4,
+            instruction_fusion=self.fusion, pooling=self.pooling, pooling_queries=self.pooling_queries,
+            hypernetwork_hidden_size=16, module_embedding_dim=4,
         )  # fmt: skip
 
     @property
@@ -75,7 +77,8 @@ def set_ups(draw, fusion: bool | None = None) -> SetUp:
         r=draw(st.integers(1, 8)),
         targets=draw(st.lists(st.sampled_from(CANDIDATE_TARGETS[family]), min_size=1, unique=True)),
         fusion=seq2seq and (draw(st.booleans()) if fusion is None else fusion),
-        pooling=draw(st.sampled_from(["mean", "attention"])),
+        pooling=(pooling := draw(st.sampled_from(["mean", "attention"]))),
+        pooling_queries=draw(st.integers(1, 3)) if pooling == "attention" else 1,
         batch=batch,
     )
 

@@ -54,7 +54,7 @@ class TagiModelArguments:
         dtype (`str`, *optional*): dtype the base weights are loaded in (`"auto"`, `"bfloat16"`, `"float32"`, ...);
             transformers' default when unset. Mixed precision is the Trainer's `--bf16` / `--fp16` instead.
         r, lora_alpha, lora_dropout, target_modules, instruction_fusion, max_instruction_length,
-        instruction_overflow, hypernetwork_hidden_size, module_embedding_dim, pooling, instruction_encoder:
+        instruction_overflow, hypernetwork_hidden_size, module_embedding_dim, pooling, pooling_queries, instruction_encoder:
             `TagiConfig`'s options.
     """
 
@@ -72,6 +72,7 @@ class TagiModelArguments:
     hypernetwork_hidden_size: int = _tagi_option("hypernetwork_hidden_size")
     module_embedding_dim: int = _tagi_option("module_embedding_dim")
     pooling: str = _tagi_option("pooling")
+    pooling_queries: int = _tagi_option("pooling_queries")
     instruction_encoder: str | None = _tagi_option("instruction_encoder")
 
     def tagi_options(self) -> dict[str, Any]:

@@ -61,6 +61,10 @@ class TagiConfig(PeftConfig):
             is writing for.
         pooling (`str`): how encoded instruction tokens become one task vector: `"mean"` (masked mean, padding
             excluded) or `"attention"` (a learned query attends over the tokens; starts as the masked mean).
+        pooling_queries (`int`): with `pooling="attention"`, how many learned queries attend over the tokens; the
+            task vector is their outputs side by side. A mean (or one query) is nearly the same for "a, then b" and
+            "b, then a"; with several queries, each with a learned preference over the token's relative position in
+            the instruction (8 buckets), one query can read the first step and another the second.
         normalized_heads (`bool`): layer-normalise the trunk's features and multiply the outputs of the heads that
             write A and B by 1 / hypernetwork_hidden_size (their weights start that much larger, so a fresh
             hypernetwork is unchanged). Adam then moves the generated weights by about the learning rate per step,
@@ -104,6 +108,9 @@ class TagiConfig(PeftConfig):
     pooling: Literal["mean", "attention"] = field(
         default="mean", metadata={"help": "Instruction pooling: 'mean' or 'attention'."}
     )
+    pooling_queries: int = field(
+        default=1, metadata={"help": "With attention pooling: how many learned queries read the instruction."}
+    )
     normalized_heads: bool = field(
         default=True, metadata={"help": "LayerNorm the trunk and scale the A/B heads by 1 / hidden size."}
     )
@@ -135,6 +142,12 @@ class TagiConfig(PeftConfig):
             raise ValueError(f"TagiConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"TagiConfig.pooling must be one of {list(POOLING_CHOICES)}, got {self.pooling!r}.")
+        _check_positive_int("pooling_queries", self.pooling_queries)
+        if self.pooling_queries > 1 and self.pooling != "attention":
+            raise ValueError(
+                f"TagiConfig.pooling_queries={self.pooling_queries} needs learned queries: set pooling='attention' "
+                f"(pooling={self.pooling!r} has none), or pooling_queries=1."
+            )
         if self.instruction_overflow not in OVERFLOW_CHOICES:
             raise ValueError(
                 f"TagiConfig.instruction_overflow must be one of {list(OVERFLOW_CHOICES)}, "

@@ -42,6 +42,9 @@ class TagiHypernetwork(nn.Module):
     `fusion_dim` the base model's: `fusion_states` projects the encoder's token states for instruction fusion.
     """
 
+    # Where a token sits in its instruction, for the position biases of several pooling queries: eight equal parts.
+    POSITION_BUCKETS = 8
+
     def __init__(
         self,
         d_model: int,
@@ -50,6 +53,7 @@ class TagiHypernetwork(nn.Module):
         hidden_size: int,
         module_embedding_dim: int,
         pooling: str,
+        pooling_queries: int = 1,
         normalized_heads: bool = True,
         fusion_dim: int | None = None,
     ) -> None:
@@ -65,11 +69,20 @@ class TagiHypernetwork(nn.Module):
         # start hidden_size times larger, so a fresh hypernetwork is unchanged). Either alone was not enough.
         self.head_scale = 1.0 / hidden_size if normalized_heads else 1.0
         self.pooling = pooling
+        self.pooling_queries = pooling_queries
         if pooling == "attention":
-            # Zero query: uniform attention over real tokens, i.e. the masked mean, at initialisation.
-            self.pool_query = nn.Parameter(torch.zeros(d_model))
+            # Zero queries: uniform attention over real tokens, i.e. the masked mean, at initialisation. Several
+            # queries start alike and part ways because the projection reads each one's output with its own weights.
+            self.pool_query = nn.Parameter(
+                torch.zeros(d_model) if pooling_queries == 1 else torch.zeros(pooling_queries, d_model)
+            )
+            if pooling_queries > 1:
+                # Each query's learned bias for where in the instruction a token sits (its rank among the real tokens,
+                # in POSITION_BUCKETS equal parts): contextual states carry position only faintly (T5's relative
+                # attention none at all), and step order is where the steps are written.
+                self.pool_position_bias = nn.Parameter(torch.zeros(pooling_queries, self.POSITION_BUCKETS))
         self.input_norm = nn.LayerNorm(d_model)
-        self.input_proj = nn.Linear(d_model, hidden_size)
+        self.input_proj = nn.Linear(pooling_queries * d_model, hidden_size)
         self.module_embedding = nn.Embedding(len(self.targets), module_embedding_dim)
         self.trunk = nn.Sequential(
             nn.Linear(hidden_size + module_embedding_dim, hidden_size),
@@ -110,16 +123,23 @@ class TagiHypernetwork(nn.Module):
             return self.fusion_projection(states.to(self.input_proj.weight.dtype))
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """states: (T, S, d), mask: (T, S) -> task vectors (T, d). Padding positions get zero weight."""
+        """states: (T, S, d), mask: (T, S) -> pooled states (T, Q, d), one per query (Q = `pooling_queries`; 1 for
+        the mean). Padding positions get zero weight."""
         mask = mask.to(states.dtype)
         if self.pooling == "attention":
-            scores = (states @ self.pool_query.to(states.dtype)) / math.sqrt(states.shape[-1])
-            scores = scores.masked_fill(mask == 0, torch.finfo(states.dtype).min)
-            weights = torch.softmax(scores, dim=-1) * mask
+            queries = self.pool_query.to(states.dtype).reshape(self.pooling_queries, -1)  # (Q, d)
+            scores = torch.einsum("tsd,qd->tqs", states, queries) / math.sqrt(states.shape[-1])
+            if self.pooling_queries > 1:
+                rank = (mask.cumsum(-1) - 1).clamp_min(0)  # (T, S): the token's index among the real tokens
+                length = mask.sum(-1, keepdim=True).clamp_min(1)
+                bucket = (rank * self.POSITION_BUCKETS / length).long().clamp_max(self.POSITION_BUCKETS - 1)
+                scores = scores + self.pool_position_bias.to(states.dtype)[:, bucket].permute(1, 0, 2)
+            scores = scores.masked_fill(mask[:, None] == 0, torch.finfo(states.dtype).min)
+            weights = torch.softmax(scores, dim=-1) * mask[:, None]
         else:
-            weights = mask
+            weights = mask[:, None]
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
-        return torch.einsum("ts,tsd->td", weights, states)
+        return torch.einsum("tqs,tsd->tqd", weights, states)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """states: (T, S, d), mask: (T, S) -> {module name: (A (T, r, in), B (T, out, r))}.
@@ -132,7 +152,7 @@ class TagiHypernetwork(nn.Module):
             return self._generate(states.to(self.input_proj.weight.dtype), mask)
 
     def _generate(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        task = self.input_proj(self.input_norm(self.pool(states, mask)))  # (T, H)
+        task = self.input_proj(self.input_norm(self.pool(states, mask)).flatten(1))  # (T, H)
         n_tasks, n_modules = task.shape[0], len(self.targets)
         emb = self.module_embedding.weight.to(task.dtype)  # (M, E)
         features = torch.cat(

@@ -163,6 +163,7 @@ class TagiModel(BaseTuner):
                 hidden_size=config.hypernetwork_hidden_size,
                 module_embedding_dim=config.module_embedding_dim,
                 pooling=config.pooling,
+                pooling_queries=config.pooling_queries,
                 normalized_heads=config.normalized_heads,
                 fusion_dim=fusion_dim,
             )

@@ -112,6 +112,8 @@ class QuickstartConfig:
             `FREE_WORDINGS_WITH_ENCODER` with an instruction encoder, 0 without (`free_wording_fraction()`).
         free_wording_variety: how many phrasings of each step and sentence templates the free wordings draw from
             (the first ones of `FREE_WORDING_PHRASINGS` and `FREE_WORDING_TEMPLATES`).
+        pooling, pooling_queries: `TagiConfig.pooling` and `TagiConfig.pooling_queries`: how the hypernetwork reads
+            the encoded instruction (a mean; or learned queries, several of them able to read the steps apart).
     """
 
     seed: int = 0
@@ -149,6 +151,8 @@ class QuickstartConfig:
     instruction_encoder: str | None = None
     free_wordings: float | None = None
     free_wording_variety: int = 3
+    pooling: str = "mean"
+    pooling_queries: int = 1
 
     def __post_init__(self) -> None:
         if self.free_wordings and self.instruction_encoder is None:
@@ -524,6 +528,7 @@ def run_quickstart(
         "r": config.r, "lora_alpha": config.lora_alpha,
         "target_modules": list(config.target_modules or TARGET_MODULES[base_model.config.model_type]),
         "instruction_fusion": config.instruction_fusion, "instruction_encoder": config.instruction_encoder,
+        "pooling": config.pooling, "pooling_queries": config.pooling_queries,
     }  # fmt: skip
     model = tagi_model(base_model, **tagi_options)
     train_ds = datasets.Dataset.from_list(train_examples)
