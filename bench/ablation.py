@@ -45,9 +45,10 @@ VARIANTS = {
     # MiniLM alone, as measured before free wordings existed.
     "minilm": {"instruction_encoder": "minilm", "free_wordings": 0.0},
     # MiniLM with half the training instructions reworded in words outside the suite's vocabulary (never the
-    # open-vocabulary evaluation family's): `peft-tagi quickstart --instruction-encoder minilm` since it won here.
+    # open-vocabulary evaluation family's), three phrasings per step to draw from: the first free wordings.
     "minilm_free_wordings": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 3},
-    # The same with twice the phrasings per step and sentence templates to draw from, half or three quarters reworded.
+    # The same with twice the phrasings per step and sentence templates to draw from, half or three quarters reworded
+    # (the latter won on validation: `peft-tagi quickstart --instruction-encoder minilm` trains so).
     "minilm_free_wordings_6": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 6},
     "minilm_free_wordings_6_75": {"instruction_encoder": "minilm", "free_wordings": 0.75, "free_wording_variety": 6},
     # The hypernetwork reads the instruction with learned queries, each with a preference for where in the
@@ -92,14 +93,18 @@ ADDED_SETTINGS = {"free_wordings": 0.0, "free_wording_variety": 3, "pooling": "m
 
 def _settings(recorded: dict) -> dict | None:
     """A config (as `asdict` or a report records it) as the behaviour it stands for: settings added since filled in
-    (`ADDED_SETTINGS`), `free_wordings` resolved; None for a config of settings that no longer exist."""
+    (`ADDED_SETTINGS`), `free_wordings` resolved (and `free_wording_variety` dropped without free wordings); None for
+    a config of settings that no longer exist."""
     from peft_tagi.quickstart import QuickstartConfig
 
     try:
         config = QuickstartConfig(**{**ADDED_SETTINGS, **recorded})
     except TypeError:
         return None
-    return json.loads(json.dumps({**asdict(config), "free_wordings": config.free_wording_fraction()}))
+    fraction = config.free_wording_fraction()
+    # Without free wordings, how many there are to draw from changes nothing.
+    variety = config.free_wording_variety if fraction else None
+    return json.loads(json.dumps({**asdict(config), "free_wordings": fraction, "free_wording_variety": variety}))
 
 
 def _finished(out: Path, config, reuse_from: str | None) -> dict | None:

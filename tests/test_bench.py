@@ -200,7 +200,7 @@ def test_a_finished_run_is_read_back_only_for_the_settings_it_ran_with(tmp_path)
     assert _finished(tmp_path, default, "elsewhere") is None  # its shared stages came from nowhere else
     # A report records the fraction the run used; a config that leaves it to the default matches it.
     record(replace(minilm, free_wordings=minilm.free_wording_fraction()))
-    assert minilm.free_wording_fraction() == 0.5 and _finished(tmp_path, minilm, None) is not None
+    assert minilm.free_wording_fraction() == 0.75 and _finished(tmp_path, minilm, None) is not None
     # A run recorded before there were six free phrasings per step drew from the first three.
     fw = replace(minilm, free_wordings=0.5)
     record(replace(fw, free_wording_variety=3), drop=("free_wording_variety",))

@@ -104,7 +104,7 @@ def test_teachers_read_teacher_instruction_so_another_student_wording_leaves_the
         QuickstartConfig(free_wordings=0.5)
     # By default: free wordings only where an instruction encoder can read them.
     assert QuickstartConfig().free_wording_fraction() == 0.0
-    assert QuickstartConfig(instruction_encoder="minilm").free_wording_fraction() == 0.5
+    assert QuickstartConfig(instruction_encoder="minilm").free_wording_fraction() == 0.75
 
 
 def test_causal_collator_masks_the_prompt():

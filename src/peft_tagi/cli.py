@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--instruction-encoder",
         help="read the instructions with this frozen text encoder instead of the base model's own: 'minilm' "
-        "(sentence-transformers/all-MiniLM-L6-v2, extra [encoder]), a Hub id or a folder; half of the training "
+        "(sentence-transformers/all-MiniLM-L6-v2, extra [encoder]), a Hub id or a folder; three quarters of the training "
         "instructions are then reworded in words outside the suite's vocabulary (QuickstartConfig.free_wordings)",
     )
     quick.add_argument("--overwrite", action="store_true")
