@@ -52,12 +52,11 @@ VARIANTS = {
     "minilm_free_wordings_6": {"instruction_encoder": "minilm", "free_wordings": 0.5, "free_wording_variety": 6},
     "minilm_free_wordings_6_75": {"instruction_encoder": "minilm", "free_wordings": 0.75, "free_wording_variety": 6},
     # The hypernetwork reads the instruction with learned queries, each with a preference for where in the
-    # instruction a token sits, instead of one mean: can it tell "a, then b" from "b, then a"?
-    "pooling_queries_2": {"pooling": "attention", "pooling_queries": 2},
+    # instruction a token sits, instead of one mean: can it tell "a, then b" from "b, then a"? (Lost on validation.)
     "pooling_queries_4": {"pooling": "attention", "pooling_queries": 4},
     # The base shipped in the package (a BART, learned absolute positions) read through MiniLM with free wordings: a
     # candidate default for exact match (it trains its own base-dependent stages).
-    "embedded_minilm_free_wordings": {"base_model": "embedded", "instruction_encoder": "minilm", "free_wordings": 0.5},
+    "embedded_minilm_free_wordings": {"base_model": "embedded", "instruction_encoder": "minilm"},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
