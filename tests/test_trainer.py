@@ -105,6 +105,9 @@ def test_teachers_read_teacher_instruction_so_another_student_wording_leaves_the
     # By default: free wordings only where an instruction encoder can read them.
     assert QuickstartConfig().free_wording_fraction() == 0.0
     assert QuickstartConfig(instruction_encoder="minilm").free_wording_fraction() == 0.75
+    # A hypernetwork setting TagiConfig refuses is refused when the quickstart is configured, before any training.
+    with pytest.raises(ValueError, match="pooling_queries=2 needs learned queries"):
+        QuickstartConfig(pooling_queries=2)
 
 
 def test_causal_collator_masks_the_prompt():

@@ -24,6 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM
 from transformers.utils import logging
 
+from .config import TagiConfig
 from .data.pretraining import pretraining_dataset
 from .data.synthetic import SyntheticSuite, suite_tokenizer
 from .embedded_base import (
@@ -168,6 +169,8 @@ class QuickstartConfig:
             )
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
+        # TagiConfig's own checks of the hypernetwork's reading, now rather than after the base is pretrained.
+        TagiConfig(task_type="SEQ_2_SEQ_LM", pooling=self.pooling, pooling_queries=self.pooling_queries)
 
     @classmethod
     def fast(cls, base_model: str = "from-scratch") -> QuickstartConfig:
