@@ -184,6 +184,13 @@ def test_hypernetwork_card_metadata_and_body():
     assert "import peft_tagi" in text and 'PeftModel.from_pretrained(base, "user/tagi-t5")' in text
     assert "model.generate_adapter(" in text and "## Evaluation" not in text  # no metrics given: no table
     assert "2406.12382" in text
+    assert "| instruction pooling | mean |" in text  # one query (the default) adds nothing to the row
+    several = render_card(
+        "hypernetwork", repo_id="user/tagi-t5", base_model=BASE_ID, task_type="SEQ_2_SEQ_LM", r=32, lora_alpha=64,
+        target_modules=["q"], instruction_fusion=True, pooling="attention", pooling_queries=4,
+        hypernetwork_hidden_size=256, max_instruction_length=1024,
+    )  # fmt: skip
+    assert "| instruction pooling | attention (4 learned queries) |" in several.text
 
 
 def test_card_errors_and_local_base_model(caplog):

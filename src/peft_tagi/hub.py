@@ -43,7 +43,7 @@ _REQUIRED_FIELDS = {
 }
 _OPTIONAL_FIELDS = {
     "generated_lora": ("metrics", "tags", "instruction_encoder"),
-    "hypernetwork": ("metrics", "tags", "num_parameters", "instruction_encoder"),
+    "hypernetwork": ("metrics", "tags", "num_parameters", "instruction_encoder", "pooling_queries"),
 }
 _LOCAL_BASES_WARNED: set[str] = set()
 _AUTO_CLASSES = {"SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "CAUSAL_LM": "AutoModelForCausalLM"}
@@ -179,7 +179,7 @@ def render_card(kind: str, **fields: Any) -> ModelCard:
             (either may be None), `hypernetwork` needs `pooling`, `hypernetwork_hidden_size` and
             `max_instruction_length`. Optional: `metrics` (`dict[str, float]`, rendered as a table), `tags`
             (extra Hub tags), `instruction_encoder` (a separate encoder that reads the instructions) and, for
-            `hypernetwork`, `num_parameters`.
+            `hypernetwork`, `num_parameters` and `pooling_queries` (the learned queries of attention pooling).
 
     Returns:
         `huggingface_hub.ModelCard` whose metadata has `library_name: peft`, `base_model` (when it is a Hub id),
@@ -334,6 +334,7 @@ def push_tagi_checkpoint(
             target_modules=config.target_modules,
             instruction_fusion=bool(config.instruction_fusion),
             pooling=config.pooling,
+            pooling_queries=config.pooling_queries,
             hypernetwork_hidden_size=config.hypernetwork_hidden_size,
             max_instruction_length=config.max_instruction_length,
             num_parameters=num_parameters,
