@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# QuickstartConfig overrides (`--set`) for runs that only check the plumbing of the seed and ablation reports.
-TINY_QUICKSTART = ["d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
+# QuickstartConfig overrides (`--set`) for runs that only check the plumbing of the seed and ablation reports: a tiny
+# T5 made in the run, reading its own instructions (the default's shipped BART and MiniLM are covered by test_cli).
+TINY_QUICKSTART = ["base_model=from-scratch", "instruction_encoder=None", "d_model=32", "num_layers=1", "d_ff=64", "r=2", "lora_alpha=4", "train_instances=2", "eval_instances=1",
                    "oracle_instances=2", "base_steps=2", "teacher_steps=2", "pretrain_steps=1", "distill_steps=2",
                    "oracle_steps=1", "batch_size=8"]  # fmt: skip
 
@@ -193,7 +194,7 @@ def test_a_finished_run_is_read_back_only_for_the_settings_it_ran_with(tmp_path)
     assert _finished(tmp_path, replace(minilm, free_wordings=0.0), None)["resumed"] is True
     assert _finished(tmp_path, minilm, None) is None
     # Without an encoder the default means no free wordings, as before.
-    default = QuickstartConfig(seed=1, validation_tasks=12)
+    default = QuickstartConfig(seed=1, validation_tasks=12, instruction_encoder=None)
     record(default, drop=("free_wordings",))
     assert _finished(tmp_path, default, None)["resumed"] is True
     assert _finished(tmp_path, replace(default, seed=2), None) is None

@@ -116,7 +116,7 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=600)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert results["config"]["seed"] == 3
-    assert results["config"]["free_wordings"] == 0.0  # the fraction used: none without an instruction encoder
+    assert results["config"]["free_wordings"] == 0.75  # the fraction used: MiniLM reads the reworded instructions
     swap = results["instruction_swap"]
     assert {"given_instruction", "own_task"} == set(swap) and "instruction swap" in proc.stdout
     assert set(results["training_tasks"]) == {"meta_teacher", "tagi"} and "training tasks" in proc.stdout
@@ -125,10 +125,14 @@ def test_quickstart_fast_writes_the_report(tmp_path):
         assert {"rougeL", "exact_match", "ms_per_instance"} <= set(row)
     assert (tmp_path / "qs" / "results.png").stat().st_size > 1000
     assert "TAGI generated adapter (fusion)" in proc.stdout
-    # The default: a T5 pretrained in the run, saved where `predict` and `demo` look for the quickstart's model.
-    assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
-    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "t5"
-    assert "pretraining the base model (40 steps)" in proc.stderr
+    # The default: the shipped BART, copied where `predict` and `demo` look for the quickstart's model, read through
+    # MiniLM, which the checkpoint names.
+    assert results["config"]["base_model"] == "embedded" and "base model" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "bart"
+    assert "pretraining the base model" not in proc.stderr
+    assert results["config"]["instruction_encoder"] == "minilm"
+    saved = json.loads((tmp_path / "qs" / "work" / "tagi" / "adapter_config.json").read_text())
+    assert saved["instruction_encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
     # Whether the instruction is read as a sentence, for TAGI and the teacher it distils.
     for name in ("tagi", "meta_teacher"):
         order = results["step_order"][name]
@@ -163,12 +167,17 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     assert sum(results["timings_s"].values()) < 120
 
 
-def test_quickstart_on_the_shipped_base_copies_it_where_predict_looks(tmp_path):
-    proc = cli("quickstart", "--fast", "--base-model", "embedded", "--output-dir", str(tmp_path / "qs"), timeout=600)
+def test_quickstart_from_scratch_reproduces_the_earlier_default(tmp_path):
+    proc = cli("quickstart", "--fast", "--base-model", "from-scratch", "--instruction-encoder", "none",
+               "--output-dir", str(tmp_path / "qs"), timeout=600)  # fmt: skip
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
-    assert results["config"]["base_model"] == "embedded" and "base model" in results["timings_s"]
-    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "bart"
-    assert "pretraining the base model" not in proc.stderr
+    # A T5 pretrained in the run, saved where `predict` and `demo` look; its own encoder reads the instructions.
+    assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
+    assert json.loads((tmp_path / "qs" / "work" / "base" / "config.json").read_text())["model_type"] == "t5"
+    assert "pretraining the base model (40 steps)" in proc.stderr
+    assert results["config"]["instruction_encoder"] is None and results["config"]["free_wordings"] == 0.0
+    saved = json.loads((tmp_path / "qs" / "work" / "tagi" / "adapter_config.json").read_text())
+    assert saved["instruction_encoder"] is None
     wrong = cli("quickstart", "--fast", "--base-model", "t5-small", "--output-dir", str(tmp_path / "x"), check=False)
     assert wrong.returncode != 0 and "invalid choice: 't5-small'" in wrong.stderr
 
@@ -177,7 +186,7 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
     from peft_tagi.quickstart import QuickstartConfig, run_quickstart
 
     micro = QuickstartConfig(
-        d_model=32, num_layers=1, d_ff=64, r=2, lora_alpha=4, train_instances=2, eval_instances=1,
+        base_model="from-scratch", instruction_encoder=None, d_model=32, num_layers=1, d_ff=64, r=2, lora_alpha=4, train_instances=2, eval_instances=1,
         oracle_instances=2, base_steps=2, teacher_steps=2, pretrain_steps=1, distill_steps=2, oracle_steps=1,
         batch_size=8,
     )  # fmt: skip

@@ -312,12 +312,8 @@ def cmd_quickstart(args) -> None:
         print(f"The quickstart's tokenizer knows these {len(words)} words and marks (any other word is unknown):")
         print(" ".join(words))
         return
-    if args.fast:
-        config = QuickstartConfig.fast(base_model=args.base_model)
-    else:
-        config = QuickstartConfig(base_model=args.base_model)
-    config.seed = args.seed
-    config.instruction_encoder = args.instruction_encoder
+    options = {"base_model": args.base_model, "instruction_encoder": args.instruction_encoder, "seed": args.seed}
+    config = QuickstartConfig.fast(**options) if args.fast else QuickstartConfig(**options)
     results = run_quickstart(args.output_dir, config, overwrite=args.overwrite)
     print(format_table(results))
     print(f"\nTimings (s): {results['timings_s']}")
@@ -445,15 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--base-model",
         choices=("from-scratch", "embedded"),  # quickstart.BASE_MODELS, without importing torch for --help
-        default="from-scratch",
-        help="from-scratch (default): a small T5 pretrained inside the run; embedded: the BART shipped in the package "
-        "(stronger teachers, weaker TAGI: docs/quality.md, 'The shipped base')",
+        default="embedded",
+        help="embedded (default): the small BART shipped in the package; from-scratch: a small T5 pretrained inside "
+        "the run (with --instruction-encoder none, the default before the shipped base)",
     )
     quick.add_argument(
         "--instruction-encoder",
-        help="read the instructions with this frozen text encoder instead of the base model's own: 'minilm' "
-        "(sentence-transformers/all-MiniLM-L6-v2, extra [encoder]), a Hub id or a folder; three quarters of the training "
-        "instructions are then reworded in words outside the suite's vocabulary (QuickstartConfig.free_wordings)",
+        default="minilm",
+        help="the frozen text encoder that reads the instructions: 'minilm' (default: "
+        "sentence-transformers/all-MiniLM-L6-v2, extra [encoder]), a Hub id or a folder, or 'none' for the base "
+        "model's own encoder; with an encoder, three quarters of the training instructions are reworded in words "
+        "outside the suite's vocabulary (QuickstartConfig.free_wordings)",
     )
     quick.add_argument("--overwrite", action="store_true")
     quick.add_argument(
