@@ -214,7 +214,8 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
 def test_api_quickstart_example_runs_fast(tmp_path):
     proc = example("quickstart.py", "--fast", "--output-dir", str(tmp_path / "api"))
     assert "held-out ROUGE-L" in proc.stdout
-    assert (tmp_path / "api" / "tagi" / "adapter_config.json").is_file()
+    saved = json.loads((tmp_path / "api" / "tagi" / "adapter_config.json").read_text())
+    assert saved["instruction_encoder"] == "sentence-transformers/all-MiniLM-L6-v2"  # as the quickstart's default
     assert len((ROOT / "examples" / "quickstart.py").read_text().splitlines()) < 80
 
 

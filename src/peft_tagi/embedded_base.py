@@ -3,14 +3,15 @@
 TAGI starts from a pretrained base model (the paper's T5-LM-adapt); nothing can be downloaded here, so the project
 makes one. Two ways:
 
-- **from scratch** (the quickstart's default): a small T5 built from random weights and pretrained inside the run,
-  on text that also holds the split's two-step training instructions.
-- **shipped** (`peft-tagi quickstart --base-model embedded`): a small BART (learned absolute positions) pretrained
+- **shipped** (the quickstart's default): a small BART (learned absolute positions) pretrained
   once by `python -m peft_tagi.embedded_base --out src/peft_tagi/embedded`, stored in the package as safetensors with
   its tokenizer and its recipe (`recipe.json`), loaded by `load_embedded_base`. It stands in for the Hub checkpoint a
   real user starts from. Its pretraining text holds word lists, facts and single steps only, nothing that depends on
   which tasks a suite seed holds out, so one base serves every seed. Its teachers and oracle beat the from-scratch
-  T5's, but TAGI on it does not (docs/quality.md, "The shipped base"), so it is not the default.
+  T5's; TAGI learns on it when a pretrained sentence encoder reads the instructions (the quickstart's
+  `instruction_encoder="minilm"`), not through the BART's own encoder (docs/quality.md, "The shipped base").
+- **from scratch** (`peft-tagi quickstart --base-model from-scratch`, the default before): a small T5 built from
+  random weights and pretrained inside the run, on text that also holds the split's two-step training instructions.
 
 `pretrain_base` is the same prefix language modelling for both: read a prefix, predict the rest; single-step
 demonstrations ("reverse the words: cat dog output: dog cat.") are cut right after "output:" half of the time. No
