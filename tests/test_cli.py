@@ -182,6 +182,16 @@ def test_quickstart_from_scratch_reproduces_the_earlier_default(tmp_path):
     assert wrong.returncode != 0 and "invalid choice: 't5-small'" in wrong.stderr
 
 
+def test_quickstart_without_its_instruction_encoder_names_the_way_out_before_any_stage(tmp_path):
+    from peft_tagi.quickstart import QuickstartConfig, run_quickstart
+
+    # As when the [encoder] extra is missing and the Hub cannot be reached: refused before anything is written.
+    config = QuickstartConfig.fast(instruction_encoder=str(tmp_path / "no-such-encoder"))
+    with pytest.raises(OSError, match=r"Cannot load the instruction encoder .*`--instruction-encoder none`"):
+        run_quickstart(tmp_path / "qs", config)
+    assert not (tmp_path / "qs").exists()
+
+
 def test_quickstart_reruns_only_with_overwrite(tmp_path):
     from peft_tagi.quickstart import QuickstartConfig, run_quickstart
 

@@ -38,6 +38,7 @@ from .embedded_base import (
     load_embedded_base,
     pretrain_base,
 )
+from .instruction_encoder import InstructionEncoder
 from .pipeline import (
     generate_outputs,
     group_by_instruction,
@@ -470,6 +471,14 @@ def run_quickstart(
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True (or --overwrite) to replace it.")
+    if config.instruction_encoder is not None:
+        try:
+            InstructionEncoder(config.instruction_encoder)  # its config and tokenizer: refused now, before any stage
+        except OSError as err:
+            raise OSError(
+                f"{err} The quickstart reads instructions with {config.instruction_encoder!r}; `--instruction-encoder "
+                "none` (instruction_encoder=None) reads them with the base model's own encoder instead."
+            ) from err
     reused = check_reusable(Path(reuse_from), config) if reuse_from is not None else None
     if reused is not None and Path(reuse_from).resolve() == output_dir.resolve():
         raise ValueError(
