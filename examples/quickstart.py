@@ -1,6 +1,6 @@
 """The quickstart through the Python API: teachers -> hypernetwork pretraining -> distillation -> held-out adapters.
 
-    python examples/quickstart.py            # about 10 minutes on 2 CPU cores
+    python examples/quickstart.py            # the quickstart's stages, less its oracle and controls: under its 12-14 min
     python examples/quickstart.py --fast     # a smoke run
 The `peft-tagi quickstart` command does the same with the full five-row report.
 """
