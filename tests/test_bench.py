@@ -170,6 +170,33 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     rerun = json.loads(out.read_text())["results"]
     assert all(r["resumed"] for r in rerun) and not any(r["resumed"] for r in report["results"])
     assert [r["rows"] for r in rerun] == [r["rows"] for r in report["results"]]
+    # The README's example is chosen on these validation runs' models: every task both trained on, worst run first.
+    from peft_tagi.data.synthetic import SyntheticSuite
+    from peft_tagi.quickstart import split_tasks
+
+    choice = tmp_path / "readme_example.json"
+    shared = [str(tmp_path / "runs" / f"shared-seed{seed}") for seed in (0, 1)]
+    chosen = subprocess.run(
+        [sys.executable, "-m", "bench.readme_example", *shared, "--inputs", "2", "--threads", "1", "--out", str(choice)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert chosen.returncode == 0, chosen.stderr[-4000:]
+    choice_report = json.loads(choice.read_text())
+    trained = [{t.name: t for t in split_tasks(SyntheticSuite(seed=seed), 3)[0]} for seed in (0, 1)]
+    assert {e["task"] for e in choice_report["ranked"]} == set(trained[0]) & set(trained[1])
+    lowest = [e["lowest_exact_match"] for e in choice_report["ranked"]]
+    assert lowest == sorted(lowest, reverse=True)
+    for entry in choice_report["ranked"]:
+        scores = [run["exact_match"][entry["task"]] for run in choice_report["runs"]]
+        assert entry["lowest_exact_match"] == min(scores) and 0 <= min(scores) <= 100
+        assert entry["instruction"] == trained[0][entry["task"]].canonical_instructions()[0]
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "results.json").write_text(json.dumps({"config": {"seed": 0, "validation_tasks": 0}}))
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.readme_example", str(tmp_path / "heldout"), "--out", str(choice)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "not a validation run" in refused.stderr
     unknown = subprocess.run(
         [sys.executable, "-m", "bench.ablation", "--variants", "no_such_variant"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
