@@ -192,6 +192,46 @@ def test_encoder_stays_float32_under_a_bf16_base_and_exports_record_it(encoder_d
     assert TaskAdapter.load(folder).instruction_encoder == encoder_dir
 
 
+def test_each_instruction_is_encoded_once_and_read_back_exactly_in_any_batch(encoder_dir):
+    encoder = InstructionEncoder(encoder_dir).load()
+    encoded_rows = []
+    forward = encoder.model.forward
+    encoder.model.forward = lambda input_ids, **kw: encoded_rows.append(len(input_ids)) or forward(input_ids, **kw)
+    texts = [INSTRUCTIONS[0], INSTRUCTIONS[1], INSTRUCTIONS[0]]
+    batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    states = encoder(batch["input_ids"], batch["attention_mask"])
+    assert encoded_rows == [2]  # the repeated instruction once
+    with torch.no_grad():
+        direct = forward(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(states[real], direct[real], atol=1e-6) and not states[~real].any()  # padding: zero
+    # Read again in another order and padded wider: nothing encoded, the same states to the bit.
+    again = encoder.tokenizer([INSTRUCTIONS[1], INSTRUCTIONS[2], INSTRUCTIONS[0]], padding="max_length", max_length=12,
+                              return_tensors="pt")  # fmt: skip
+    states_again = encoder(again["input_ids"], again["attention_mask"])
+    assert encoded_rows == [2, 1]  # only the new one
+    length = int(batch["attention_mask"][1].sum())
+    assert torch.equal(states_again[0, :length], states[1, :length])
+    # A cache too small for one instruction keeps nothing and still gives the right states.
+    encoder.cache_limit_bytes = 0
+    encoder._cache.clear()
+    assert torch.equal(encoder(batch["input_ids"], batch["attention_mask"]), states) and not encoder._cache
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_read_back_states_give_the_same_logits_as_the_encoder_read_afresh(encoder_dir, fusion):
+    model = tagi("t5", encoder_dir, instruction_fusion=fusion)
+    batch = instruction_batch(model, "t5")
+    assert not batch["instruction_attention_mask"].all()  # padded rows: their zero states must not count
+    tagi_model = model.base_model
+    encoder = tagi_model.instruction_encoder
+    with torch.no_grad():
+        logits = model(**batch).logits
+        tagi_model._encode = lambda ids, mask: encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        afresh = model(**batch).logits
+    assert torch.allclose(logits, afresh, atol=1e-5)
+
+
 def test_the_real_minilm_from_the_encoder_extra():
     if packaged_encoder_path() is None:
         pytest.skip('the real MiniLM comes with the [encoder] extra: pip install -e ".[encoder]"')
