@@ -213,9 +213,9 @@ def test_each_instruction_is_encoded_once_and_read_back_exactly_in_any_batch(enc
     length = int(batch["attention_mask"][1].sum())
     assert torch.equal(states_again[0, :length], states[1, :length])
     # A cache too small for one instruction keeps nothing and still gives the right states.
-    encoder.cache_limit_bytes = 0
-    encoder._cache.clear()
-    assert torch.equal(encoder(batch["input_ids"], batch["attention_mask"]), states) and not encoder._cache
+    uncached = InstructionEncoder(encoder_dir).load()
+    uncached.cache_limit_bytes = 0
+    assert torch.equal(uncached(batch["input_ids"], batch["attention_mask"]), states) and not uncached._cache
 
 
 @pytest.mark.parametrize("fusion", [True, False])

@@ -155,10 +155,12 @@ class InstructionEncoder:
         self.load(device)
         if next(self.model.parameters()).device != device:
             self.model.to(device)
-        ends = [int(row.nonzero().max()) + 1 if bool(row.any()) else 0 for row in attention_mask]
+        # Each row's end: one past its last real token (0 for a row without one).
+        positions = torch.arange(1, input_ids.shape[1] + 1, device=device)
+        ends = (positions * (attention_mask != 0)).amax(dim=1).tolist()
         keys = [
-            (tuple(ids[:end].tolist()), tuple(mask[:end].tolist()))
-            for ids, mask, end in zip(input_ids, attention_mask, ends)
+            (tuple(ids[:end]), tuple(mask[:end]))
+            for ids, mask, end in zip(input_ids.tolist(), attention_mask.tolist(), ends)
         ]
         found: dict[tuple, torch.Tensor] = {}
         for key, end in zip(keys, ends):
