@@ -218,6 +218,53 @@ def test_each_instruction_is_encoded_once_and_read_back_exactly_in_any_batch(enc
     assert torch.equal(uncached(batch["input_ids"], batch["attention_mask"]), states) and not uncached._cache
 
 
+def test_read_ahead_encodes_each_instruction_once_under_the_keys_training_batches_look_up(encoder_dir):
+    from peft_tagi.data.collator import TagiDataCollator
+
+    encoder = InstructionEncoder(encoder_dir).load()
+    widths = []
+    forward = encoder.model.forward
+    encoder.model.forward = lambda input_ids, **kw: widths.append(tuple(input_ids.shape)) or forward(input_ids, **kw)
+    texts = [INSTRUCTIONS[2], INSTRUCTIONS[0], INSTRUCTIONS[2], INSTRUCTIONS[1]]
+    assert encoder.read_ahead(texts, max_length=512, batch_size=2) == 3
+    assert [rows for rows, _ in widths] == [2, 1] and widths[0][1] <= widths[1][1]  # each once, shortest first
+    # A training batch (as the collator tokenizes it) reads all three back: nothing more is encoded.
+    collator = TagiDataCollator(word_tokenizer(), instruction_tokenizer=encoder.tokenizer)
+    batch = collator([{"task_name": "t", "instruction": t, "input": "cat dog", "output": "dog cat"} for t in texts])
+    ids, mask = batch["instruction_input_ids"], batch["instruction_attention_mask"]
+    states = encoder(ids, mask)
+    assert len(widths) == 2
+    with torch.no_grad():
+        afresh = forward(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(states[real], afresh[real], atol=1e-6) and not states[~real].any()
+    # What does not fit in the cache is left for the batches that need it.
+    small = InstructionEncoder(encoder_dir).load()
+    shortest = min(len(small.tokenizer(t)["input_ids"]) for t in INSTRUCTIONS)
+    kept = len(small._cache)  # the load's own check of two sentences
+    small.cache_limit_bytes = small._cache_bytes + shortest * small.hidden_size * 4
+    assert small.read_ahead(INSTRUCTIONS) == 1 and len(small._cache) == kept + 1
+
+
+@pytest.mark.parametrize("steps,reads_ahead", [(1, False), (4, True)])
+def test_a_stage_reads_its_instructions_ahead_only_when_it_reads_a_whole_epoch(
+    encoder_dir, tmp_path, steps, reads_ahead
+):
+    import datasets
+
+    from peft_tagi.pipeline import train_stage, training_arguments
+
+    model = tagi("t5", encoder_dir)
+    data = datasets.Dataset.from_list(toy_examples())  # 16 examples: 4 steps of 4 are one epoch
+    read = []
+    model.base_model.instruction_encoder.read_ahead = lambda texts, **kw: read.append((list(texts), kw))
+    options = {"per_device_train_batch_size": 4, "use_cpu": True, "lambda_kl": 0.0, "lambda_ins": 0.0}
+    train_stage(model, word_tokenizer(), training_arguments(tmp_path / "d", "distill", steps, **options), data)
+    assert bool(read) == reads_ahead
+    if reads_ahead:
+        assert read[0][0] == data["instruction"] and read[0][1] == {"max_length": 512}
+
+
 @pytest.mark.parametrize("fusion", [True, False])
 def test_read_back_states_give_the_same_logits_as_the_encoder_read_afresh(encoder_dir, fusion):
     model = tagi("t5", encoder_dir, instruction_fusion=fusion)

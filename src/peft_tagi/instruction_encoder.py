@@ -19,9 +19,11 @@ import hashlib
 import importlib
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -183,6 +185,42 @@ class InstructionEncoder:
             if end:
                 out[t, :end] = found[key]
         return out
+
+    def read_ahead(self, texts: Iterable[str], max_length: int | None = None, batch_size: int = 64) -> int:
+        """Encode the distinct `texts` now, shortest first, so that later calls read their states back.
+
+        For a training stage that reads every instruction of its dataset: each is encoded once, in batches of
+        similar lengths (little padding), instead of inside the training steps in batches of mixed lengths. Tokenized
+        as `TagiDataCollator` tokenizes instructions (`max_length`: its `max_instruction_length`), so the states are
+        kept under the keys the training batches look up. Stops where the cache would go over `cache_limit_bytes`
+        (what does not fit is encoded when a batch needs it, as without reading ahead). Returns how many texts were
+        encoded.
+        """
+        self.load()
+        device = next(self.model.parameters()).device
+        distinct = list(dict.fromkeys(texts))
+        ids = self.tokenizer(distinct, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        order = sorted(range(len(distinct)), key=lambda i: len(ids[i]))
+        room = (self.cache_limit_bytes - self._cache_bytes) // (4 * self.hidden_size)  # float32 states, in tokens
+        chosen = []
+        for i in order:
+            room -= len(ids[i])
+            if room < 0:
+                break
+            chosen.append(i)
+        pad = self.tokenizer.pad_token_id or 0
+        for start in tqdm(range(0, len(chosen), batch_size), desc="reading instructions ahead", unit="batch"):
+            rows = [ids[i] for i in chosen[start : start + batch_size]]
+            width = max(len(row) for row in rows)
+            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+            self(input_ids, mask)
+        if len(chosen) < len(distinct):
+            logger.info(
+                f"{self.name}: read {len(chosen)} of {len(distinct)} instructions ahead (cache_limit_bytes "
+                f"{self.cache_limit_bytes}); the rest are encoded when a batch needs them."
+            )
+        return len(chosen)
 
     def _remember(self, key: tuple, states: torch.Tensor) -> None:
         self._cache[key] = states

@@ -1,7 +1,7 @@
 """Teacher LoRAs of stage 1: the meta-train LoRA (logit teacher) and a bank of per-task LoRAs (parameter teachers).
 
 Both are rows of one `LoraBank`: learned (A, B) pairs for every TAGI target module, applied through the same
-per-example `TagiLinear` layers as generated adapters, so the whole bank trains in one run and one forward pass.
+per-example `TagiLinear` layers as generated adapters, so the whole bank trains in one run.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
@@ -158,10 +159,6 @@ class StageProgressCallback(ProgressCallback):
         if losses:
             self.training_bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
         logger.debug(f"{self.label} step {state.global_step}: {logs}")
-
-
-def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 class TagiTrainer(Seq2SeqTrainer):
@@ -390,45 +387,33 @@ class TagiTrainer(Seq2SeqTrainer):
         return grad_norm
 
     def _teachers_loss(self, model, inputs):
-        """Meta-train LoRA (instruction + input) and bank LoRAs (input only) in one forward pass of 2N rows."""
+        """Meta-train LoRA (instruction + input) and bank LoRAs (input only): one forward pass each, one backward.
+
+        Two passes rather than one of 2N rows: the bank's rows lack the instruction, and padding them to the meta
+        rows' width would spend most of their compute (and their backward) on padding. The meta-train LoRA is one
+        weight set, applied to its whole pass as a plain low-rank matmul.
+        """
         tagi = tagi_model_of(model)
         teachers = tagi.tagi_teachers[tagi.active_adapters[0]]
         task_index = inputs["task_index"]
         if (task_index < 0).any():
             raise ValueError("A training example's task is not in the teacher bank; rebuild the trainer on this data.")
-        meta_rows = self._teacher_batch(inputs)
-        bank_rows = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        bank_rows["labels"] = inputs["labels"]
-        width = max(meta_rows["input_ids"].shape[1], bank_rows["input_ids"].shape[1])
-        pad_id = tagi.model.config.pad_token_id or 0
-        label_width = max(meta_rows["labels"].shape[1], bank_rows["labels"].shape[1])
-        batch = {
-            "input_ids": torch.cat([_pad_right(r["input_ids"], width, pad_id) for r in (meta_rows, bank_rows)]),
-            "attention_mask": torch.cat([_pad_right(r["attention_mask"], width, 0) for r in (meta_rows, bank_rows)]),
-        }
-        labels = torch.cat([_pad_right(r["labels"], label_width, -100) for r in (meta_rows, bank_rows)])
-        if self.causal:
-            width = max(width, label_width)
-            batch = {k: _pad_right(v, width, pad_id if k == "input_ids" else 0) for k, v in batch.items()}
-            labels = _pad_right(labels, width, -100)
-        batch["labels"] = labels
-        meta = teachers.meta.task_weights(torch.zeros_like(task_index))
-        bank = teachers.bank.task_weights(task_index)
-        weights = {n: (torch.cat([meta.weights[n][0], bank.weights[n][0]]), torch.cat([meta.weights[n][1], bank.weights[n][1]])) for n in meta.weights}  # fmt: skip
-        row_index = torch.cat([torch.zeros_like(task_index), bank.row_index + 1])
-        with tagi.apply_task_weights(TaskWeights(weights, row_index, None, None)):
-            outputs = model(**batch)
-        n = task_index.shape[0]
-        token_logits = label_token_logits(outputs.logits, labels, self.causal)
-        token_labels = labels[:, 1:] if self.causal else labels
-        is_meta = torch.zeros_like(token_labels, dtype=torch.bool)
-        is_meta[:n] = True
-        is_meta = is_meta[token_labels != -100]
-        targets = token_labels[token_labels != -100]
-        ce_meta = F.cross_entropy(token_logits[is_meta].float(), targets[is_meta])
-        ce_bank = F.cross_entropy(token_logits[~is_meta].float(), targets[~is_meta])
-        self._record({"ce_meta": ce_meta, "ce_bank": ce_bank})
-        return ce_meta + ce_bank, outputs
+        meta = teachers.meta.task_weights(torch.zeros_like(task_index[:1]))
+        passes = (
+            ("ce_meta", self._teacher_batch(inputs), TaskWeights(meta.weights, None, None, None)),
+            ("ce_bank", {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}, teachers.bank.task_weights(task_index)),
+        )  # fmt: skip
+        terms, outputs = {}, []
+        for name, batch, weights in passes:
+            with tagi.apply_task_weights(weights):
+                outputs.append(model(**batch))
+            labels = batch["labels"]
+            token_labels = labels[:, 1:] if self.causal else labels
+            terms[name] = F.cross_entropy(
+                label_token_logits(outputs[-1].logits, labels, self.causal).float(), token_labels[token_labels != -100]
+            )
+        self._record(terms)
+        return terms["ce_meta"] + terms["ce_bank"], outputs[0]  # the meta-train LoRA's outputs, for return_outputs
 
     def _record(self, terms: dict[str, torch.Tensor]) -> None:
         values = {name: float(value.detach()) for name, value in terms.items()}
@@ -472,10 +457,31 @@ class TagiTrainer(Seq2SeqTrainer):
                 f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}: the run "
                 "stopped while writing it); resume from an earlier checkpoint-N or with resume_from_checkpoint=True."
             )
+        self._read_instructions_ahead()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.args.stage == "teachers" and self.is_world_process_zero():
             self.save_teachers()
         return result
+
+    def _read_instructions_ahead(self) -> None:
+        """With a separate instruction encoder, encode the dataset's instructions before a stage that reads them all.
+
+        Its states are kept anyway (`InstructionEncoder`); reading them ahead, shortest first, spends less on padding
+        than encoding them inside the training batches. Only when the stage reads at least one epoch: otherwise most
+        of what it would encode ahead is never read.
+        """
+        tagi = tagi_model_of(self.model)
+        dataset = self.train_dataset
+        if self.args.stage == "teachers" or tagi.instruction_encoder is None or not isinstance(dataset, Dataset):
+            return
+        if "instruction" not in dataset.column_names or not isinstance(self.data_collator, TagiDataCollator):
+            return
+        rows = self.args.max_steps * self.args.train_batch_size * self.args.gradient_accumulation_steps
+        if 0 < rows * self.args.world_size < len(dataset):
+            return
+        tagi.instruction_encoder.read_ahead(
+            dataset["instruction"], max_length=self.data_collator.max_instruction_length
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The Trainer writes into its output and checkpoint folders on every save; the TAGI save guard still makes
