@@ -42,8 +42,8 @@ What is counted (bytes, one device, one optimizer step, data-parallel degree 1):
   in `distill`, the teacher forward (no grad: one layer's live tensors of the teacher rows, the teacher's encoder
   output) next to the student's logits.
 
-Stage workloads (`TagiTrainer`): `teachers` runs 2B rows (B meta rows reading instruction + input, B bank rows
-padded to the same width) with no fusion; `pretrain` and `distill` run the student on B rows of the input (the
+Stage workloads (`TagiTrainer`): `teachers` runs two forward passes kept to one backward (B meta rows reading
+instruction + input, then B bank rows reading the input) with no fusion; `pretrain` and `distill` run the student on B rows of the input (the
 decoder attends to [instruction ; input] with fusion) after encoding the unique instructions under no_grad;
 `distill` adds the teacher forward on B rows of instruction + input.
 
@@ -355,31 +355,33 @@ def predict(config, workload: Workload, stage: str, dtype: str, checkpointing: b
     optimizer_temporary = trainable * 4
 
     seq2seq = arch.family == "t5"
-    rows, r = w.batch_size, w.r
-    if stage == "teachers":
-        rows = 2 * w.batch_size
-        enc_len = w.instruction_len + w.input_len
-        kv_len = enc_len
-    else:
-        enc_len = w.input_len
-        kv_len = w.instruction_len + w.input_len
-    if seq2seq:
-        dec_len = w.output_len
-        positions = w.output_len
-    else:
-        dec_len = (enc_len if stage == "teachers" else w.input_len) + w.output_len
-        positions = dec_len
-    blocks, recomputed = _stack_activations(arch, rows, enc_len, dec_len, kv_len, dtype, r, checkpointing)
-    embeddings = rows * (enc_len + dec_len if seq2seq else dec_len) * arch.d_model * b
     teacher_positions = w.output_len if seq2seq else w.instruction_len + w.input_len + w.output_len
-    head = _head_bytes(arch, rows, positions, w.output_len, teacher_positions, dtype, stage)
+    # (rows, encoder length, length the cross-attention reads) of each forward pass kept to the step's one backward
+    if stage == "teachers":
+        # TagiTrainer._teachers_loss: B meta rows reading instruction + input, then B bank rows reading the input
+        passes = [(w.batch_size, n, n) for n in (w.instruction_len + w.input_len, w.input_len)]
+    else:
+        passes = [(w.batch_size, w.input_len, w.instruction_len + w.input_len)]
+    blocks = recomputed = embeddings = head = 0
+    for rows, enc_len, kv_len in passes:
+        dec_len = w.output_len if seq2seq else enc_len + w.output_len
+        positions = w.output_len if seq2seq else dec_len
+        kept_pass, recomputed_pass = _stack_activations(
+            arch, rows, enc_len, dec_len, kv_len, dtype, w.r, checkpointing
+        )
+        if checkpointing:
+            # the logits' gradient is gone before the last layer is recomputed; that layer's activations then exist
+            # next to the gradient of its output
+            recomputed_pass += rows * max(enc_len, dec_len) * arch.d_model * b
+        blocks += kept_pass
+        recomputed = max(recomputed, recomputed_pass)
+        embeddings += rows * (enc_len + dec_len if seq2seq else dec_len) * arch.d_model * b
+        head = max(head, _head_bytes(arch, rows, positions, w.output_len, teacher_positions, dtype, stage))
+    # an earlier pass's loss keeps its fp32 log-softmax over the label tokens to the backward
+    blocks += sum(rows * w.output_len * arch.vocab_size * 4 for rows, _, _ in passes[:-1])
     generated = 0
     if stage != "teachers":
         generated = w.unique_instructions * lora * 4 * (2 if stage == "distill" else 1)  # + gathered bank rows
-    if checkpointing:
-        # the logits' gradient is gone before the last layer is recomputed; that layer's activations then exist next
-        # to the gradient of its output
-        recomputed += rows * max(enc_len, dec_len) * arch.d_model * b
     kept = blocks + embeddings + generated
     teacher = 0
     if stage == "distill":
