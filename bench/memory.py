@@ -43,9 +43,9 @@ What is counted (bytes, one device, one optimizer step, data-parallel degree 1):
   output) next to the student's logits.
 
 Stage workloads (`TagiTrainer`): `teachers` runs two forward passes kept to one backward (B meta rows reading
-instruction + input, then B bank rows reading the input) with no fusion; `pretrain` and `distill` run the student on B rows of the input (the
-decoder attends to [instruction ; input] with fusion) after encoding the unique instructions under no_grad;
-`distill` adds the teacher forward on B rows of instruction + input.
+instruction + input, then B bank rows reading the input) with no fusion; `pretrain` and `distill` run the student on
+B rows of the input (the decoder attends to [instruction ; input] with fusion) after encoding the unique instructions
+under no_grad; `distill` adds the teacher forward on B rows of instruction + input.
 
 Measurement (`--validate`): a real step (forward + backward + AdamW step, twice) of `TagiTrainer.compute_loss` on a
 small model, in-process, with `LiveTensorTracker`: a `TorchDispatchMode` that registers the storage of every tensor

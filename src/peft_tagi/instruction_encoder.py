@@ -193,8 +193,8 @@ class InstructionEncoder:
         similar lengths (little padding), instead of inside the training steps in batches of mixed lengths. Tokenized
         as `TagiDataCollator` tokenizes instructions (`max_length`: its `max_instruction_length`), so the states are
         kept under the keys the training batches look up. Stops where the cache would go over `cache_limit_bytes`
-        (what does not fit is encoded when a batch needs it, as without reading ahead). Returns how many texts were
-        encoded.
+        (what does not fit is encoded when a batch needs it, as without reading ahead). Returns how many of the
+        distinct texts were read ahead (those kept from before are read back, not encoded again).
         """
         self.load()
         device = next(self.model.parameters()).device
@@ -208,13 +208,12 @@ class InstructionEncoder:
             if room < 0:
                 break
             chosen.append(i)
-        pad = self.tokenizer.pad_token_id or 0
         for start in tqdm(range(0, len(chosen), batch_size), desc="reading instructions ahead", unit="batch"):
-            rows = [ids[i] for i in chosen[start : start + batch_size]]
-            width = max(len(row) for row in rows)
-            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
-            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-            self(input_ids, mask)
+            # Padded by the tokenizer, on its own side, as the collator pads: the rows keep the collator's layout.
+            batch = self.tokenizer.pad(
+                {"input_ids": [ids[i] for i in chosen[start : start + batch_size]]}, return_tensors="pt"
+            )
+            self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         if len(chosen) < len(distinct):
             logger.info(
                 f"{self.name}: read {len(chosen)} of {len(distinct)} instructions ahead (cache_limit_bytes "
