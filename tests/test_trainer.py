@@ -187,6 +187,41 @@ def test_the_meta_teacher_does_not_depend_on_the_bank(tmp_path, toy):
         assert torch.equal(metas[0].lora_B[name], metas[1].lora_B[name]), name
 
 
+@pytest.mark.parametrize("task_type", ["SEQ_2_SEQ_LM", "CAUSAL_LM"])
+def test_each_teacher_loss_term_is_its_lora_on_its_own_rows(tmp_path, toy, task_type):
+    # The meta-train LoRA reads instruction + input, each bank LoRA its task's input alone: each term must be the
+    # model's own loss with that LoRA on those rows (random B, so that a LoRA on the wrong rows would show).
+    base = tiny_t5() if task_type == "SEQ_2_SEQ_LM" else tiny_gpt2()
+    model = get_peft_model(base, TagiConfig(task_type=task_type, r=4, hypernetwork_hidden_size=32))
+    args = args_for(tmp_path, "teachers", max_steps=1)
+    trainer = TagiTrainer(model=model, args=args, train_dataset=toy, processing_class=word_tokenizer())
+    tagi = tagi_model_of(model)
+    teachers = tagi.tagi_teachers[tagi.active_adapters[0]]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for bank in (teachers.meta, teachers.bank):
+            for weight in bank.lora_B.values():
+                weight.normal_(0, 0.5)
+    batch = trainer.data_collator([toy[i] for i in (0, 5, 10, 15)])
+    assert len(set(batch["task_index"].tolist())) > 1
+    model.train()
+    trainer.compute_loss(model, batch)
+    terms = {name: trainer._term_sums[name] for name in ("ce_meta", "ce_bank")}
+    causal = task_type == "CAUSAL_LM"
+    meta_rows = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"],
+                 "labels": batch["teacher_labels"] if causal else batch["labels"]}  # fmt: skip
+    bank_rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    meta = teachers.meta.task_weights(torch.zeros_like(batch["task_index"]))
+    with torch.no_grad():
+        with tagi.apply_task_weights(meta):
+            expected_meta = float(model(**meta_rows).loss)
+        with tagi.apply_task_weights(teachers.bank.task_weights(batch["task_index"])):
+            expected_bank = float(model(**bank_rows).loss)
+    assert math.isclose(terms["ce_meta"], expected_meta, rel_tol=1e-5)
+    assert math.isclose(terms["ce_bank"], expected_bank, rel_tol=1e-5)
+    assert not math.isclose(expected_meta, expected_bank, rel_tol=1e-3)
+
+
 def test_teachers_folder_is_not_overwritten(tmp_path, toy):
     (tmp_path / "teachers" / "teachers").mkdir(parents=True)
     (tmp_path / "teachers" / "teachers" / "keep.txt").write_text("mine")
