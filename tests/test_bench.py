@@ -234,6 +234,10 @@ def test_a_finished_run_is_read_back_only_for_the_settings_it_ran_with(tmp_path)
     record(replace(fw, free_wording_variety=3), drop=("free_wording_variety",))
     assert _finished(tmp_path, replace(fw, free_wording_variety=3), None) is not None
     assert _finished(tmp_path, replace(fw, free_wording_variety=6), None) is None
+    # A run recorded before the trunk's width was a setting had the TagiConfig default.
+    record(minilm, drop=("hypernetwork_hidden_size",))
+    assert _finished(tmp_path, minilm, None) is not None
+    assert _finished(tmp_path, replace(minilm, hypernetwork_hidden_size=512), None) is None
     record(default)
     (tmp_path / "results.json").write_text(
         (tmp_path / "results.json").read_text().replace('"seed": 1', '"seed": 1, "from_scratch": true')

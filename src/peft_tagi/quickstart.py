@@ -119,6 +119,7 @@ class QuickstartConfig:
             (the first ones of `FREE_WORDING_PHRASINGS` and `FREE_WORDING_TEMPLATES`).
         pooling, pooling_queries: `TagiConfig.pooling` and `TagiConfig.pooling_queries`: how the hypernetwork reads
             the encoded instruction (a mean; or learned queries, several of them able to read the steps apart).
+        hypernetwork_hidden_size: `TagiConfig.hypernetwork_hidden_size`, the width of the hypernetwork's trunk.
     """
 
     seed: int = 0
@@ -160,6 +161,7 @@ class QuickstartConfig:
     free_wording_variety: int = 6
     pooling: str = "mean"
     pooling_queries: int = 1
+    hypernetwork_hidden_size: int = 256
 
     def __post_init__(self) -> None:
         if isinstance(self.instruction_encoder, str) and self.instruction_encoder.lower() == "none":
@@ -550,6 +552,7 @@ def run_quickstart(
         "target_modules": list(config.target_modules or TARGET_MODULES[base_model.config.model_type]),
         "instruction_fusion": config.instruction_fusion, "instruction_encoder": config.instruction_encoder,
         "pooling": config.pooling, "pooling_queries": config.pooling_queries,
+        "hypernetwork_hidden_size": config.hypernetwork_hidden_size,
     }  # fmt: skip
     model = tagi_model(base_model, **tagi_options)
     train_ds = datasets.Dataset.from_list(train_examples)
