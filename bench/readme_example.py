@@ -118,18 +118,20 @@ def main() -> None:
     if args.task is not None and args.task not in common:
         raise SystemExit(f"error: --task {args.task!r} is not a task every run trained on.")
     varied = [e["task"] for e in ranked if len({x["output"] for x in examples[0][e["task"]]}) > 1]
+    if not (args.task or varied):
+        raise SystemExit("error: every task's inputs have one answer in these runs; name the example's task (--task).")
     task = args.task or varied[0]
     instruction = runs[0]["instruction"][task]
     # Every run's inputs of the task, served on every run (one batch each, as `predict` serves its inputs).
     candidates = {x["input"]: x["output"] for per_run in examples for x in per_run[task]}
-    answers = {}
+    answers = []
     models = [(run[1], run[2], folder) for run, folder in zip(loaded, args.runs)]
     models += [(*load_run(folder, validation=False)[1:], folder) for folder in args.also_right_on]
     for model, tokenizer, folder in models:
         rows = [{"instruction": instruction, "input": text} for text in candidates]
         outputs = serve_by_instruction(model, tokenizer, rows, **GENERATION)
-        answers[str(folder)] = dict(zip(candidates, outputs))
-    right_everywhere = [text for text in candidates if all(a[text] == candidates[text] for a in answers.values())]
+        answers.append({"run": str(folder), "outputs": dict(zip(candidates, outputs))})
+    right_everywhere = [text for text in candidates if all(a["outputs"][text] == candidates[text] for a in answers)]
     print(f"example: {instruction!r}; of its {len(candidates)} inputs, every run answers right ({len(answers)} runs):")
     for text in right_everywhere:
         print(f"  {text!r} -> {candidates[text]!r}")

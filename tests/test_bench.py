@@ -171,13 +171,15 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     assert all(r["resumed"] for r in rerun) and not any(r["resumed"] for r in report["results"])
     assert [r["rows"] for r in rerun] == [r["rows"] for r in report["results"]]
     # The README's example is chosen on these validation runs' models: every task both trained on, worst run first.
+    from bench.readme_example import task_examples
     from peft_tagi.data.synthetic import SyntheticSuite
     from peft_tagi.quickstart import split_tasks
 
     choice = tmp_path / "readme_example.json"
     shared = [str(tmp_path / "runs" / f"shared-seed{seed}") for seed in (0, 1)]
     chosen = subprocess.run(
-        [sys.executable, "-m", "bench.readme_example", *shared, "--inputs", "2", "--threads", "1", "--out", str(choice)],
+        [sys.executable, "-m", "bench.readme_example", *shared, "--inputs", "2", "--threads", "1", "--out", str(choice),
+         "--also-right-on", shared[0]],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert chosen.returncode == 0, chosen.stderr[-4000:]
@@ -190,6 +192,25 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
         scores = [run["exact_match"][entry["task"]] for run in choice_report["runs"]]
         assert entry["lowest_exact_match"] == min(scores) and 0 <= min(scores) <= 100
         assert entry["instruction"] == trained[0][entry["task"]].canonical_instructions()[0]
+    # The example: the top task whose answers differ by input, each run's inputs of it served on every run (the
+    # --also-right-on run too), and the inputs listed as right are those that every run answered right.
+    example = choice_report["example"]
+    task = trained[0][example["task"]]
+    first_run = json.loads((Path(shared[0]) / "results.json").read_text())["config"]
+    answers = {name: {x["output"] for x in rows} for name, rows in task_examples(first_run, 2).items()}
+    varied = [e["task"] for e in choice_report["ranked"] if len(answers[e["task"]]) > 1]
+    assert example["task"] == varied[0] and example["instruction"] == task.canonical_instructions()[0]
+    assert [run["run"] for run in example["outputs_per_run"]] == [*shared, shared[0]]
+    assert example["also_right_on"] == [shared[0]]
+    assert 2 <= len(example["inputs"]) <= 4
+    for entry in example["inputs"]:
+        assert entry["reference"] == task.apply(entry["input"].split())
+    right = [
+        e["input"]
+        for e in example["inputs"]
+        if all(run["outputs"][e["input"]] == e["reference"] for run in example["outputs_per_run"])
+    ]
+    assert example["right_on_every_run"] == right
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "results.json").write_text(json.dumps({"config": {"seed": 0, "validation_tasks": 0}}))
     refused = subprocess.run(
