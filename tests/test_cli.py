@@ -11,9 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import quickstart_like_folder, tiny_t5, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# A quickstart of every stage in seconds (from-scratch T5, no instruction encoder).
+MICRO_QUICKSTART = dict(
+    base_model="from-scratch", instruction_encoder=None, d_model=32, num_layers=1, d_ff=64, r=2, lora_alpha=4,
+    train_instances=2, eval_instances=1, oracle_instances=2, base_steps=2, teacher_steps=2, pretrain_steps=1,
+    distill_steps=2, oracle_steps=1, batch_size=8,
+)  # fmt: skip
 SUBCOMMANDS = ["train", "generate-adapter", "predict", "export", "evaluate", "quickstart", "demo"]
 
 
@@ -207,11 +214,7 @@ def test_quickstart_without_its_instruction_encoder_names_the_way_out_before_any
 def test_quickstart_reruns_only_with_overwrite(tmp_path):
     from peft_tagi.quickstart import QuickstartConfig, run_quickstart
 
-    micro = QuickstartConfig(
-        base_model="from-scratch", instruction_encoder=None, d_model=32, num_layers=1, d_ff=64, r=2, lora_alpha=4, train_instances=2, eval_instances=1,
-        oracle_instances=2, base_steps=2, teacher_steps=2, pretrain_steps=1, distill_steps=2, oracle_steps=1,
-        batch_size=8,
-    )  # fmt: skip
+    micro = QuickstartConfig(**MICRO_QUICKSTART)
     run_quickstart(tmp_path / "qs", micro)
     first = (tmp_path / "qs" / "work" / "tagi" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
@@ -233,6 +236,26 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
         run_quickstart(tmp_path / "other", micro, reuse_from=tmp_path / "qs")
     with pytest.raises(FileNotFoundError, match="no finished quickstart"):
         run_quickstart(tmp_path / "other", micro, reuse_from=tmp_path / "missing")
+
+
+def test_quickstart_oracle_does_not_depend_on_what_the_stages_before_it_drew(tmp_path, monkeypatch):
+    import peft_tagi.quickstart as quickstart
+
+    real_train_stage = quickstart.train_stage
+    oracles = []
+    for draws in (1, 10_000):
+
+        def train_stage(model, tokenizer, args, *rest, draws=draws, **options):
+            trained = real_train_stage(model, tokenizer, args, *rest, **options)
+            if args.stage == "distill":
+                torch.rand(draws)  # as a distillation on other instructions draws other amounts from the generator
+            return trained
+
+        monkeypatch.setattr(quickstart, "train_stage", train_stage)
+        quickstart.run_quickstart(tmp_path / str(draws), quickstart.QuickstartConfig(**MICRO_QUICKSTART))
+        folder = tmp_path / str(draws) / "work" / "oracle"
+        oracles.append({p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))})
+    assert len(oracles[0]) >= 2 and oracles[0] == oracles[1]
 
 
 def test_api_quickstart_example_runs_fast(tmp_path):
