@@ -469,3 +469,23 @@ def test_disable_adapter_gives_base_outputs_exactly(family):
     [adapter] = model.generate_adapter(batch["instruction_input_ids"][:1])
     with model.use_adapter(adapter), model.disable_adapter():
         assert torch.equal(_logits(model, plain), expected)
+
+
+def test_per_row_task_weights_have_reproducible_gradients_when_rows_share_a_task():
+    # Rows that share a task (a teacher bank's batch, repeated instructions) add their gradients into one entry. Two
+    # threads summing them in a varying order made the oracle's and the parameter teachers' LoRAs differ between two
+    # runs of the same command; gathering with index_select sums them in a fixed order.
+    torch.set_num_threads(2)  # restored by the torch_threads_restored fixture
+    layer = TagiLinear(torch.nn.Linear(128, 128), "default", r=8, lora_alpha=16, lora_dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    lora_A = torch.randn(12, 8, 128, generator=generator).requires_grad_(True)
+    lora_B = torch.randn(12, 128, 8, generator=generator).requires_grad_(True)
+    row_index = torch.randint(0, 12, (64,), generator=generator)  # 64 rows over 12 tasks: most share one
+    x = torch.randn(64, 20, 128, generator=generator)
+    grads = set()
+    for _ in range(8):
+        lora_A.grad = lora_B.grad = None
+        layer.set_task_weights(lora_A, lora_B, row_index)
+        layer(x).pow(2).sum().backward()
+        grads.add((lora_A.grad.numpy().tobytes(), lora_B.grad.numpy().tobytes()))
+    assert len(grads) == 1

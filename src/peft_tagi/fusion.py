@@ -359,7 +359,8 @@ class InstructionFusion:
         if index.shape[0] > 1 and task.states.shape[0] == 1:
             states, states_mask = task.states.expand(n_rows, -1, -1), task.states_mask.expand(n_rows, -1)
         else:
-            states, states_mask = task.states[index], task.states_mask[index]
+            # index_select: rows of one instruction sum their gradients in a fixed order (see TagiLinear._forward).
+            states, states_mask = task.states.index_select(0, index), task.states_mask.index_select(0, index)
         encoder_mask = kwargs.get("encoder_attention_mask")
         if encoder_mask is None:
             encoder_mask = torch.ones(encoder_states.shape[:2], dtype=states_mask.dtype, device=states_mask.device)

@@ -196,7 +196,10 @@ class TagiLinear(nn.Module, BaseTunerLayer):
                     )
                 index = index.repeat_interleave(n_rows // index.shape[0])
             flat = x.reshape(n_rows, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, lora_A[index].transpose(1, 2)), lora_B[index].transpose(1, 2))
+            # index_select, not lora_A[index]: rows that share a task sum their gradients into one entry, and the
+            # backward of advanced indexing sums them in an order that varies between runs on several CPU threads.
+            A, B = lora_A.index_select(0, index), lora_B.index_select(0, index)
+            delta = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))
             delta = delta.reshape(*x.shape[:-1], self.out_features)
         return result + delta * self.scaling
 
