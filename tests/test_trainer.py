@@ -222,6 +222,24 @@ def test_each_teacher_loss_term_is_its_lora_on_its_own_rows(tmp_path, toy, task_
     assert not math.isclose(expected_meta, expected_bank, rel_tol=1e-3)
 
 
+def test_teacher_loras_are_initialised_from_args_seed_not_from_what_the_caller_drew(tmp_path, toy):
+    # The trainer creates the teachers' LoRAs: two trainers with the same args.seed must start from the same LoRAs
+    # however much the caller drew from the global generator before, and another seed from other LoRAs.
+    def initial_teachers(seed: int, draws: int) -> dict[str, torch.Tensor]:
+        model = tagi_t5()
+        torch.rand(draws)
+        TagiTrainer(model=model, args=args_for(tmp_path, "teachers", seed=seed), train_dataset=toy,
+                    processing_class=word_tokenizer())  # fmt: skip
+        tagi = tagi_model_of(model)
+        teachers = tagi.tagi_teachers[tagi.active_adapters[0]]
+        return {name: p.detach().clone() for name, p in teachers.named_parameters() if "lora_A" in name}
+
+    first, second, other_seed = initial_teachers(0, 1), initial_teachers(0, 10_000), initial_teachers(1, 1)
+    assert len(first) >= 2
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not any(torch.equal(first[name], other_seed[name]) for name in first)
+
+
 def test_teachers_folder_is_not_overwritten(tmp_path, toy):
     (tmp_path / "teachers" / "teachers").mkdir(parents=True)
     (tmp_path / "teachers" / "teachers" / "keep.txt").write_text("mine")

@@ -579,10 +579,6 @@ def run_quickstart(
     lap("distillation")
 
     if reused is None:
-        # Seeded on its own: the oracle's LoRAs are initialised from the global generator, which the stages before
-        # draw from in amounts that depend on their settings and data (distillation: on the instructions' lengths),
-        # so without this a variant of distillation moved the oracle row too.
-        torch.manual_seed(config.seed)
         args = stage_arguments(
             work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite,
             run_name="oracle",

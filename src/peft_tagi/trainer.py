@@ -244,7 +244,7 @@ class TagiTrainer(Seq2SeqTrainer):
             data_collator.group_by = group_by
         self.group_names = group_names
 
-        self._set_trainable(tagi, args.stage, group_names)
+        self._set_trainable(tagi, args.stage, group_names, args.seed)
         if compute_metrics is None and args.predict_with_generate and processing_class is not None:
             compute_metrics = self._generation_metrics
         super().__init__(
@@ -271,11 +271,15 @@ class TagiTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str]) -> None:
+    def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str], seed: int) -> None:
         adapter_name = tagi.active_adapters[0]
         if stage == "teachers":
             device = tagi.model.get_input_embeddings().weight.device
-            teachers = TeacherLoras(tagi.target_specs, group_names, tagi.tagi_config.r).to(device)
+            # The trainer creates these LoRAs, so `args.seed` decides their initialisation (as the Trainer seeds a
+            # `model_init` model), not whatever the caller drew from the global generator before building it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                teachers = TeacherLoras(tagi.target_specs, group_names, tagi.tagi_config.r).to(device)
             tagi.tagi_teachers = torch.nn.ModuleDict({adapter_name: teachers})
             tagi.tagi_hypernetwork.requires_grad_(False)
         else:
