@@ -291,3 +291,32 @@ def test_unmerge_adapter_restores_weights_bitwise():
         model.unmerge_adapter()
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], w) for n, w in before.items())
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_serving_rows_of_many_instructions_in_one_batch_gives_each_instruction_its_own_outputs(family):
+    # serve_by_instruction batches inputs of different instructions, each row under its own adapter: the outputs must
+    # be those of every instruction served alone under `use_adapter`, with instructions (and so fusion states) of
+    # different lengths in one batch, and beam search (served per instruction) must still work.
+    from conftest import word_tokenizer
+
+    from peft_tagi.pipeline import generate_adapters, generate_outputs, serve_by_instruction
+
+    model, tokenizer = tagi(family), word_tokenizer()
+    randomize_hypernetwork(model, std=0.3)  # adapters strong enough that the outputs differ between instructions
+    instructions = ["reverse the words", "keep the first two words then drop the last word", "copy all", "say one"]
+    inputs = ["cat dog sun", "red blue", "tree milk fish bird", "green", "one word list", "dog cat"]
+    examples = [{"instruction": instructions[i % 4], "input": text} for i, text in enumerate(inputs * 2)]
+    for generation in ({"max_new_tokens": 5, "batch_size": 5}, {"max_new_tokens": 5, "num_beams": 2}):
+        adapters = generate_adapters(model, tokenizer, instructions)
+        alone = {}
+        for instruction in instructions:
+            rows = [e["input"] for e in examples if e["instruction"] == instruction]
+            with torch.no_grad():
+                outputs = generate_outputs(
+                    model, tokenizer, rows, context=lambda a=adapters[instruction]: model.use_adapter(a), **generation
+                )
+            alone.update({(instruction, text): out for text, out in zip(rows, outputs)})
+        served = serve_by_instruction(model, tokenizer, examples, **generation)
+        assert served == [alone[(e["instruction"], e["input"])] for e in examples]
+        assert len(set(served)) > 2  # the adapters differ: a row under another row's adapter would show

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -351,6 +351,29 @@ class TagiModel(BaseTuner):
             states = adapter.instruction_states.to(device)[None]
             mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
         return TaskWeights(weights=weights, row_index=None, states=states, states_mask=mask)
+
+    def task_weights_from_adapters(self, adapters: Sequence[TaskAdapter], row_index: torch.Tensor) -> TaskWeights:
+        """Several `TaskAdapter`s in one batch: row `i` gets `adapters[row_index[i]]` (a mixed-task batch).
+
+        Each adapter's weights are those `task_weights_from_adapter` gives it alone, stacked: A (T, r, in), B (T, out,
+        r); with instruction fusion their instruction states are padded to the longest, states (T, S, d_model) with
+        states_mask (T, S). `row_index` (batch,) holds indices into `adapters`.
+        """
+        single = [self.task_weights_from_adapter(adapter) for adapter in adapters]
+        weights = {
+            name: (torch.cat([w.weights[name][0] for w in single]), torch.cat([w.weights[name][1] for w in single]))
+            for name in single[0].weights
+        }
+        states = mask = None
+        if single[0].states is not None:
+            longest = max(w.states.shape[1] for w in single)
+            states = single[0].states.new_zeros(len(single), longest, single[0].states.shape[2])
+            mask = torch.zeros(len(single), longest, dtype=torch.long, device=states.device)
+            for i, w in enumerate(single):
+                states[i, : w.states.shape[1]] = w.states[0]
+                mask[i, : w.states.shape[1]] = 1
+        device = next(iter(weights.values()))[0].device
+        return TaskWeights(weights=weights, row_index=row_index.to(device), states=states, states_mask=mask)
 
     @contextmanager
     def _task_context(

@@ -392,18 +392,43 @@ def serve_by_instruction(
         The outputs in the order of `examples`.
     """
     adapters = {} if adapters is None else adapters
-    predictions = [""] * len(examples)
-    for instruction, rows in group_by_instruction(examples).items():
-        generate_adapters(model, tokenizer, [instruction], adapters=adapters)
-        outputs = generate_outputs(
+    if generation.get("num_beams", 1) > 1:
+        # Beam search runs the decoder on batch x beams rows, the encoder on the batch: one row index cannot serve
+        # both, so each instruction's inputs are generated under its own adapter.
+        predictions = [""] * len(examples)
+        for instruction, rows in group_by_instruction(examples).items():
+            generate_adapters(model, tokenizer, [instruction], adapters=adapters)
+            outputs = generate_outputs(
+                model,
+                tokenizer,
+                [examples[i]["input"] for i in rows],
+                context=lambda: model.use_adapter(adapters[instruction]),  # noqa: B023 (called inside this iteration)
+                **generation,
+            )
+            for i, text in zip(rows, outputs):
+                predictions[i] = text
+        return predictions
+    # Greedy decoding: batches of inputs of different instructions, each row under its own adapter. Every adapter
+    # is generated alone, as above, so the outputs are those of one instruction at a time, in fewer `generate` calls
+    # (one per instruction before: most of an evaluation where every example has its own wording).
+    generate_adapters(model, tokenizer, [e["instruction"] for e in examples], adapters=adapters)
+    batch_size = generation.pop("batch_size", 16)
+    predictions = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        instructions = list(dict.fromkeys(e["instruction"] for e in batch))
+        position = {text: i for i, text in enumerate(instructions)}
+        weights = model.task_weights_from_adapters(
+            [adapters[text] for text in instructions], torch.tensor([position[e["instruction"]] for e in batch])
+        )
+        predictions += generate_outputs(
             model,
             tokenizer,
-            [examples[i]["input"] for i in rows],
-            context=lambda: model.use_adapter(adapters[instruction]),  # noqa: B023 (called inside this iteration)
+            [e["input"] for e in batch],
+            context=lambda: model.apply_task_weights(weights),  # noqa: B023 (called inside this iteration)
+            batch_size=len(batch),
             **generation,
         )
-        for i, text in zip(rows, outputs):
-            predictions[i] = text
     return predictions
 
 
