@@ -9,7 +9,7 @@ none of them repeats a loop that lives here.
   `run_stages` (teachers -> pretrain -> distill in one output folder, resumable).
 - **Serving**: `generate_adapters` (one `TaskAdapter` per distinct instruction), `generate_outputs` (the one
   generation loop, in batches, under any context such as `use_adapter`) and `serve_by_instruction` (TAGI's way of
-  serving: each instruction's adapter generated once, its inputs read alone).
+  serving: each instruction's adapter generated once, its inputs read alone, rows of many instructions per batch).
 - **Scoring and reporting**: `score` (ROUGE-L and exact match, overall and per task) and `write_report` (a JSON file
   and a bar chart).
 """
@@ -380,6 +380,9 @@ def serve_by_instruction(
     **generation: Any,
 ) -> list[str]:
     """TAGI's outputs for `examples`: each distinct instruction's adapter generated once, its inputs read alone.
+
+    With greedy decoding a batch holds inputs of several instructions, each row under its own adapter
+    (`TagiModel.task_weights_from_adapters`); the outputs are those of serving every instruction on its own.
 
     Args:
         model: the TAGI model.
