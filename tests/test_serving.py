@@ -297,7 +297,7 @@ def test_unmerge_adapter_restores_weights_bitwise():
 def test_serving_rows_of_many_instructions_in_one_batch_gives_each_instruction_its_own_outputs(family):
     # serve_by_instruction batches inputs of different instructions, each row under its own adapter: the outputs must
     # be those of every instruction served alone under `use_adapter`, with instructions (and so fusion states) of
-    # different lengths in one batch, and beam search (served per instruction) must still work.
+    # different lengths in one batch, greedy and with beam search (each row's beams under that row's adapter).
     from conftest import word_tokenizer
 
     from peft_tagi.pipeline import generate_adapters, generate_outputs, serve_by_instruction
@@ -312,10 +312,9 @@ def test_serving_rows_of_many_instructions_in_one_batch_gives_each_instruction_i
         alone = {}
         for instruction in instructions:
             rows = [e["input"] for e in examples if e["instruction"] == instruction]
-            with torch.no_grad():
-                outputs = generate_outputs(
-                    model, tokenizer, rows, context=lambda a=adapters[instruction]: model.use_adapter(a), **generation
-                )
+            outputs = generate_outputs(
+                model, tokenizer, rows, context=lambda a=adapters[instruction]: model.use_adapter(a), **generation
+            )
             alone.update({(instruction, text): out for text, out in zip(rows, outputs)})
         served = serve_by_instruction(model, tokenizer, examples, **generation)
         assert served == [alone[(e["instruction"], e["input"])] for e in examples]

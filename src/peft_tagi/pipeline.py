@@ -381,7 +381,7 @@ def serve_by_instruction(
 ) -> list[str]:
     """TAGI's outputs for `examples`: each distinct instruction's adapter generated once, its inputs read alone.
 
-    With greedy decoding a batch holds inputs of several instructions, each row under its own adapter
+    A batch holds inputs of several instructions, each row under its own adapter
     (`TagiModel.task_weights_from_adapters`); the outputs are those of serving every instruction on its own.
 
     Args:
@@ -395,25 +395,10 @@ def serve_by_instruction(
         The outputs in the order of `examples`.
     """
     adapters = {} if adapters is None else adapters
-    if generation.get("num_beams", 1) > 1:
-        # Beam search runs the decoder on batch x beams rows, the encoder on the batch: one row index cannot serve
-        # both, so each instruction's inputs are generated under its own adapter.
-        predictions = [""] * len(examples)
-        for instruction, rows in group_by_instruction(examples).items():
-            generate_adapters(model, tokenizer, [instruction], adapters=adapters)
-            outputs = generate_outputs(
-                model,
-                tokenizer,
-                [examples[i]["input"] for i in rows],
-                context=lambda: model.use_adapter(adapters[instruction]),  # noqa: B023 (called inside this iteration)
-                **generation,
-            )
-            for i, text in zip(rows, outputs):
-                predictions[i] = text
-        return predictions
-    # Greedy decoding: batches of inputs of different instructions, each row under its own adapter. Every adapter
-    # is generated alone, as above, so the outputs are those of one instruction at a time, in fewer `generate` calls
-    # (one per instruction before: most of an evaluation where every example has its own wording).
+    # Batches of inputs of different instructions, each row under its own adapter. Every adapter is generated alone,
+    # so the outputs are those of one instruction at a time, in fewer `generate` calls (one per instruction before:
+    # most of an evaluation where every example has its own wording). Beam search repeats each row consecutively,
+    # which the TAGI layers and fusion expand the row index for.
     generate_adapters(model, tokenizer, [e["instruction"] for e in examples], adapters=adapters)
     batch_size = generation.pop("batch_size", 16)
     predictions = []
