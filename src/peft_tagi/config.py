@@ -112,7 +112,9 @@ class TagiConfig(PeftConfig):
     )
     pooling_queries: int = field(
         default=1,
-        metadata={"help": "How many learned queries (attention pooling) or equal parts (segments) read the instruction."},
+        metadata={
+            "help": "How many learned queries (attention pooling) or equal parts (segments) read the instruction."
+        },
     )
     normalized_heads: bool = field(
         default=True, metadata={"help": "LayerNorm the trunk and scale the A/B heads by 1 / hidden size."}

@@ -136,7 +136,9 @@ class TagiHypernetwork(nn.Module):
             weights = torch.softmax(scores, dim=-1) * mask[:, None]
         elif self.pooling == "segments":
             part = _relative_position(mask, self.pooling_queries)  # (T, S)
-            weights = nn.functional.one_hot(part, self.pooling_queries).permute(0, 2, 1).to(states.dtype) * mask[:, None]
+            weights = (
+                nn.functional.one_hot(part, self.pooling_queries).permute(0, 2, 1).to(states.dtype) * mask[:, None]
+            )
         else:
             weights = mask[:, None]
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
