@@ -75,9 +75,6 @@ VARIANTS = {
     # Free wordings drawn from twelve phrasings per step and twelve sentence templates instead of six: does a wider
     # cover of the encoder's space carry unseen words (the open-vocabulary family) to the right adapter?
     "free_wordings_12": {"free_wording_variety": 12},
-    # The hypernetwork reads the first and the second half of the instruction apart (the mean of each, side by side),
-    # with no parameters to learn for it: "a, then b" and "b, then a" give two task vectors.
-    "segments_2": {"pooling": "segments", "pooling_queries": 2},
     # Today's default without instruction fusion: every difference between two tasks must then be in the adapter.
     "no_fusion_default": {"instruction_fusion": False},
 }

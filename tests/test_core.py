@@ -65,9 +65,9 @@ def test_config_documents_every_field():
         ("r", 0, "r must be a positive integer"),
         ("lora_alpha", -1, "lora_alpha must be a positive number"),
         ("lora_dropout", 1.5, "lora_dropout must be in [0, 1)"),
-        ("pooling", "max", "pooling must be one of ['mean', 'attention', 'segments']"),
+        ("pooling", "max", "pooling must be one of ['mean', 'attention']"),
         ("pooling_queries", 0, "pooling_queries must be a positive integer"),
-        ("pooling_queries", 2, "needs learned queries or parts: set pooling='attention' or pooling='segments'"),
+        ("pooling_queries", 2, "needs learned queries: set pooling='attention'"),
         ("instruction_overflow", "drop", "instruction_overflow must be one of ['truncate', 'error']"),
         ("max_instruction_length", 0, "max_instruction_length must be a positive integer"),
         ("hypernetwork_hidden_size", 2.5, "hypernetwork_hidden_size must be a positive integer"),
@@ -176,9 +176,9 @@ def test_identical_instructions_are_encoded_and_generated_once():
     assert adapters[0] is adapters[1] is adapters[3] and adapters[2] is not adapters[0]
 
 
-@pytest.mark.parametrize("pooling,queries", [("attention", 1), ("attention", 3), ("segments", 3)])
-def test_padding_does_not_change_the_generated_adapter(pooling, queries):
-    model = tagi("t5", pooling=pooling, pooling_queries=queries)
+@pytest.mark.parametrize("queries", [1, 3])
+def test_padding_does_not_change_the_generated_adapter(queries):
+    model = tagi("t5", pooling="attention", pooling_queries=queries)
     randomize_hypernetwork(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     padded = torch.tensor([[5, 6, 7, 8, 0, 0, 0]])
@@ -211,32 +211,6 @@ def test_several_pooling_queries_read_where_the_steps_are_written():
     assert not torch.allclose(pooled, queried.pool(swapped, mask), atol=1e-2)
     first, second = queried(states, mask)["q"], queried(swapped, mask)["q"]
     assert not torch.allclose(first[0], second[0], atol=1e-4)  # a different adapter for the other order
-
-
-def test_segment_pooling_reads_each_part_of_the_instruction_apart():
-    """pooling="segments": the masked mean of each of Q equal parts of the real tokens, padding excluded; the two
-    orders of the steps give two task vectors (the parts swap places), a mean gives one."""
-    from peft_tagi.hypernetwork import TagiHypernetwork, TargetSpec
-
-    torch.manual_seed(0)
-    states = torch.randn(2, 9, 16)
-    mask = torch.tensor([[1] * 8 + [0], [1] * 5 + [0] * 4])
-    hypernetwork = TagiHypernetwork(16, [TargetSpec("q", 16, 16)], 2, 8, 4, pooling="segments", pooling_queries=2)
-    pooled = hypernetwork.pool(states, mask)  # (T, Q, d)
-    assert pooled.shape == (2, 2, 16)
-    # 8 real tokens: 4 + 4; 5 real tokens: ranks 0-2 in the first part (rank * 2 / 5 < 1), 3-4 in the second
-    expected = [(states[0, :4], states[0, 4:8]), (states[1, :3], states[1, 3:5])]
-    for row, (first, second) in enumerate(expected):
-        assert torch.allclose(pooled[row, 0], first.mean(0), atol=1e-6)
-        assert torch.allclose(pooled[row, 1], second.mean(0), atol=1e-6)
-    swapped = torch.cat([states[:1, 4:8], states[:1, :4]], dim=1)  # the second half's tokens written first
-    assert torch.allclose(hypernetwork.pool(swapped, torch.ones(1, 8)), pooled[:1].flip(1), atol=1e-6)
-    randomize = [torch.nn.init.normal_(p, std=0.5) for p in hypernetwork.heads_B.parameters()]
-    assert randomize
-    first, second = hypernetwork(states[:1, :8], torch.ones(1, 8))["q"], hypernetwork(swapped, torch.ones(1, 8))["q"]
-    assert not torch.allclose(first[1], second[1], atol=1e-4)  # another adapter for the other order
-    one_token = hypernetwork.pool(states[:1, :1], torch.ones(1, 1))  # a part with no token pools to zeros, not NaN
-    assert torch.equal(one_token[0, 1], torch.zeros(16)) and torch.allclose(one_token[0, 0], states[0, 0])
 
 
 def test_several_pooling_queries_save_and_reload(tmp_path):

@@ -28,7 +28,7 @@ TAGI_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "mistral": ["q_proj", "v_proj"],
 }
 
-POOLING_CHOICES = ("mean", "attention", "segments")
+POOLING_CHOICES = ("mean", "attention")
 OVERFLOW_CHOICES = ("truncate", "error")
 SUPPORTED_TASK_TYPES = (TaskType.SEQ_2_SEQ_LM, TaskType.CAUSAL_LM)
 
@@ -60,13 +60,11 @@ class TagiConfig(PeftConfig):
         module_embedding_dim (`int`): size of the learned embedding that tells the trunk which layer and module it
             is writing for.
         pooling (`str`): how encoded instruction tokens become one task vector: `"mean"` (masked mean, padding
-            excluded), `"attention"` (a learned query attends over the tokens; starts as the masked mean) or
-            `"segments"` (the masked mean of each of `pooling_queries` equal parts of the instruction, side by side).
+            excluded) or `"attention"` (a learned query attends over the tokens; starts as the masked mean).
         pooling_queries (`int`): with `pooling="attention"`, how many learned queries attend over the tokens; the
             task vector is their outputs side by side. A mean (or one query) is nearly the same for "a, then b" and
             "b, then a"; with several queries, each with a learned preference over the token's relative position in
-            the instruction (8 buckets), one query can read the first step and another the second. With
-            `pooling="segments"`, how many parts: with 2, the first half of "a, then b" is read apart from its second.
+            the instruction (8 buckets), one query can read the first step and another the second.
         normalized_heads (`bool`): layer-normalise the trunk's features and multiply the outputs of the heads that
             write A and B by 1 / hypernetwork_hidden_size (their weights start that much larger, so a fresh
             hypernetwork is unchanged). Adam then moves the generated weights by about the learning rate per step,
@@ -107,14 +105,11 @@ class TagiConfig(PeftConfig):
     )
     hypernetwork_hidden_size: int = field(default=256, metadata={"help": "Width of the hypernetwork trunk."})
     module_embedding_dim: int = field(default=64, metadata={"help": "Size of the per-module embedding."})
-    pooling: Literal["mean", "attention", "segments"] = field(
-        default="mean", metadata={"help": "Instruction pooling: 'mean', 'attention' or 'segments'."}
+    pooling: Literal["mean", "attention"] = field(
+        default="mean", metadata={"help": "Instruction pooling: 'mean' or 'attention'."}
     )
     pooling_queries: int = field(
-        default=1,
-        metadata={
-            "help": "How many learned queries (attention pooling) or equal parts (segments) read the instruction."
-        },
+        default=1, metadata={"help": "With attention pooling: how many learned queries read the instruction."}
     )
     normalized_heads: bool = field(
         default=True, metadata={"help": "LayerNorm the trunk and scale the A/B heads by 1 / hidden size."}
@@ -148,10 +143,10 @@ class TagiConfig(PeftConfig):
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"TagiConfig.pooling must be one of {list(POOLING_CHOICES)}, got {self.pooling!r}.")
         _check_positive_int("pooling_queries", self.pooling_queries)
-        if self.pooling_queries > 1 and self.pooling == "mean":
+        if self.pooling_queries > 1 and self.pooling != "attention":
             raise ValueError(
-                f"TagiConfig.pooling_queries={self.pooling_queries} needs learned queries or parts: set "
-                "pooling='attention' or pooling='segments' (pooling='mean' has one mean), or pooling_queries=1."
+                f"TagiConfig.pooling_queries={self.pooling_queries} needs learned queries: set pooling='attention' "
+                f"(pooling={self.pooling!r} has none), or pooling_queries=1."
             )
         if self.instruction_overflow not in OVERFLOW_CHOICES:
             raise ValueError(

@@ -130,15 +130,12 @@ class TagiHypernetwork(nn.Module):
             queries = self.pool_query.to(states.dtype).reshape(self.pooling_queries, -1)  # (Q, d)
             scores = torch.einsum("tsd,qd->tqs", states, queries) / math.sqrt(states.shape[-1])
             if self.pooling_queries > 1:
-                bucket = _relative_position(mask, self.POSITION_BUCKETS)
+                rank = (mask.cumsum(-1) - 1).clamp_min(0)  # (T, S): the token's index among the real tokens
+                length = mask.sum(-1, keepdim=True).clamp_min(1)
+                bucket = (rank * self.POSITION_BUCKETS / length).long().clamp_max(self.POSITION_BUCKETS - 1)
                 scores = scores + self.pool_position_bias.to(states.dtype)[:, bucket].permute(1, 0, 2)
             scores = scores.masked_fill(mask[:, None] == 0, torch.finfo(states.dtype).min)
             weights = torch.softmax(scores, dim=-1) * mask[:, None]
-        elif self.pooling == "segments":
-            part = _relative_position(mask, self.pooling_queries)  # (T, S)
-            weights = (
-                nn.functional.one_hot(part, self.pooling_queries).permute(0, 2, 1).to(states.dtype) * mask[:, None]
-            )
         else:
             weights = mask[:, None]
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -173,11 +170,3 @@ class TagiHypernetwork(nn.Module):
                 lora_B = flat_B[:, j].reshape(n_tasks, spec.out_features, self.r)
                 weights[spec.name] = (lora_A, lora_B)
         return weights
-
-
-def _relative_position(mask: torch.Tensor, parts: int) -> torch.Tensor:
-    """mask (T, S) -> (T, S) long: which of `parts` equal parts of its instruction each token falls in, counting only
-    the real tokens (a padding position gets the part of the last real token before it, and weight 0 elsewhere)."""
-    rank = (mask.cumsum(-1) - 1).clamp_min(0)  # the token's index among the real tokens
-    length = mask.sum(-1, keepdim=True).clamp_min(1)
-    return (rank * parts / length).long().clamp_max(parts - 1)
