@@ -211,6 +211,48 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
         if all(run["outputs"][e["input"]] == e["reference"] for run in example["outputs_per_run"])
     ]
     assert example["right_on_every_run"] == right
+    # How far the generated adapters move with a rewording, with the steps swapped, between tasks: on the right
+    # tasks and wordings (one task recomputed here from its adapters).
+    distances_out = tmp_path / "order_adapters.json"
+    measured = subprocess.run(
+        [sys.executable, "-m", "bench.order_adapters", shared[0], "--threads", "1", "--out", str(distances_out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert measured.returncode == 0, measured.stderr[-4000:]
+    [order] = json.loads(distances_out.read_text())["runs"]
+    suite, (train_tasks, left_out) = SyntheticSuite(seed=0), split_tasks(SyntheticSuite(seed=0), 3)
+
+    def composes_reversed(task) -> bool:
+        try:
+            return suite.compose(*task.primitives[::-1]) is not None
+        except ValueError:
+            return False
+
+    assert set(order["evaluated_tasks"]["per_task"]) == {t.name for t in left_out if composes_reversed(t)}
+    trained = {t.primitives for t in train_tasks}
+    assert set(order["training_pairs"]["per_task"]) == {t.name for t in train_tasks if t.primitives[::-1] in trained}
+    for part in ("evaluated_tasks", "training_pairs"):
+        figures = order[part]
+        assert figures["other_task"] > 0 and figures["adapter_norm"] > 0
+        assert figures["steps_swapped"] == pytest.approx(
+            statistics.fmean(t["steps_swapped"] for t in figures["per_task"].values())
+        )
+    from bench.order_adapters import delta_w
+    from peft_tagi import TaskAdapter
+    from peft_tagi.pipeline import load_tagi_model
+
+    task = next(t for t in train_tasks if t.name in order["training_pairs"]["per_task"])
+    reverse = suite.compose(*task.primitives[::-1])
+    checkpoint = Path(shared[0]) / "work" / "tagi"
+    model, tokenizer = load_tagi_model(
+        json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"], checkpoint
+    )
+    own, swapped = (
+        delta_w(TaskAdapter.from_instruction(model, tokenizer, t.canonical_instructions()[0])) for t in (task, reverse)
+    )
+    assert order["training_pairs"]["per_task"][task.name]["steps_swapped"] == pytest.approx(
+        (own - swapped).norm().item(), rel=1e-5
+    )
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "results.json").write_text(json.dumps({"config": {"seed": 0, "validation_tasks": 0}}))
     refused = subprocess.run(
