@@ -71,16 +71,12 @@ def distances(model, tokenizer, tasks: list, reverse_of: dict) -> dict:
 def run_distances(folder: Path) -> dict:
     """`distances` for one finished quickstart folder: its evaluated tasks (held-out or left-out training tasks)
     against the same wording with the steps swapped, and the training tasks against their trained reverse."""
+    from bench.readme_example import load_run
     from peft_tagi.data.synthetic import SyntheticSuite
-    from peft_tagi.pipeline import load_tagi_model
     from peft_tagi.quickstart import split_tasks
 
+    config, model, tokenizer = load_run(folder, validation=False)
     results = json.loads((folder / "results.json").read_text())
-    config = results["config"]
-    checkpoint = folder / "work" / "tagi"
-    base = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tokenizer = load_tagi_model(base, checkpoint)
-    model.eval()
     suite = SyntheticSuite(seed=config["seed"])
     train_tasks, evaluated = split_tasks(suite, config["validation_tasks"])
     trained = {t.primitives: t for t in train_tasks}

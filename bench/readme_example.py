@@ -25,7 +25,9 @@ from pathlib import Path
 
 
 def load_run(folder: Path, validation: bool = True) -> tuple[dict, object, object]:
-    """(config, TAGI model, tokenizer) of one finished run; with `validation`, refuses a held-out run."""
+    """(config, TAGI model, tokenizer) of one finished run; with `validation`, refuses a held-out run. The base model
+    is the run's own `work/base`, or, for a run that loaded its base from another (an ablation variant's
+    `reuse_from`), the one its TAGI checkpoint names."""
     from peft_tagi.pipeline import load_tagi_model
 
     report = folder / "results.json"
@@ -34,7 +36,10 @@ def load_run(folder: Path, validation: bool = True) -> tuple[dict, object, objec
     config = json.loads(report.read_text())["config"]
     if validation and not config.get("validation_tasks"):
         raise SystemExit(f"error: {folder} is not a validation run; the example is not chosen on held-out tasks.")
-    model, tokenizer = load_tagi_model(folder / "work" / "base", folder / "work" / "tagi")
+    checkpoint, base = folder / "work" / "tagi", folder / "work" / "base"
+    if not base.is_dir():
+        base = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model, tokenizer = load_tagi_model(base, checkpoint)
     return config, model.eval(), tokenizer
 
 

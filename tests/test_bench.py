@@ -238,15 +238,12 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
             statistics.fmean(t["steps_swapped"] for t in figures["per_task"].values())
         )
     from bench.order_adapters import delta_w
+    from bench.readme_example import load_run
     from peft_tagi import TaskAdapter
-    from peft_tagi.pipeline import load_tagi_model
 
     task = next(t for t in train_tasks if t.name in order["training_pairs"]["per_task"])
     reverse = suite.compose(*task.primitives[::-1])
-    checkpoint = Path(shared[0]) / "work" / "tagi"
-    model, tokenizer = load_tagi_model(
-        json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"], checkpoint
-    )
+    _, model, tokenizer = load_run(Path(shared[0]))
     own, swapped = (
         delta_w(TaskAdapter.from_instruction(model, tokenizer, t.canonical_instructions()[0])) for t in (task, reverse)
     )
