@@ -77,13 +77,6 @@ VARIANTS = {
     "free_wordings_12": {"free_wording_variety": 12},
     # Today's default without instruction fusion: every difference between two tasks must then be in the adapter.
     "no_fusion_default": {"instruction_fusion": False},
-    # The hypernetwork's stages at another learning rate than the teachers' 3e-3: more distillation steps helped on
-    # validation (no_kl_distill_1000), so is distillation short of steps or of step size? (Higher was worse on seed 0:
-    # 6e-3 -2.5, 1e-2 -7.5 exact match.)
-    "hypernetwork_lr_6e-3": {"hypernetwork_learning_rate": 6e-3},
-    "hypernetwork_lr_1e-2": {"hypernetwork_learning_rate": 1e-2},
-    "hypernetwork_lr_1.5e-3": {"hypernetwork_learning_rate": 1.5e-3},
-    "hypernetwork_lr_1e-3": {"hypernetwork_learning_rate": 1e-3},
 }
 REPORT_ROWS = ("base", "meta_teacher", "tagi", "tagi_plain_lora", "oracle")
 
@@ -116,7 +109,7 @@ def _wait_for(folder: Path, poll_s: float = 5.0) -> bool:
 # Settings added to QuickstartConfig after runs were recorded, with the value that reproduces those runs.
 ADDED_SETTINGS = {
     "free_wordings": 0.0, "free_wording_variety": 3, "pooling": "mean", "pooling_queries": 1,
-    "hypernetwork_hidden_size": 256, "hypernetwork_learning_rate": None,
+    "hypernetwork_hidden_size": 256,
 }  # fmt: skip
 
 

@@ -97,8 +97,6 @@ class QuickstartConfig:
         teacher_steps, pretrain_steps, distill_steps, oracle_steps: optimisation steps per stage.
         batch_size: examples per step.
         learning_rate: of every stage (AdamW, linear decay).
-        hypernetwork_learning_rate: of the hypernetwork's stages (pretraining and distillation) when not None, else
-            `learning_rate`; the teachers and the oracle keep `learning_rate`.
         instruction_fusion: whether the TAGI model cross-attends to the instruction.
         lambda_kl, lambda_ins, ins_reduction: distillation weights and the ΔW-alignment scale (see
             `TagiTrainingArguments`).
@@ -149,7 +147,6 @@ class QuickstartConfig:
     oracle_steps: int = 200
     batch_size: int = 32
     learning_rate: float = 3e-3
-    hypernetwork_learning_rate: float | None = None
     instruction_fusion: bool = True
     lambda_kl: float = 5.0
     # Chosen on left-out training tasks (validation_tasks=12, 3 seeds, bench/results/ablation_seeds.json): with the
@@ -214,14 +211,11 @@ def stage_arguments(output_dir: Path, name: str, steps: int, config: QuickstartC
     """The quickstart's arguments of one training run, written under `output_dir / name`; the stage is `name` unless
     `stage=` is given."""
     options.setdefault("stage", name)
-    learning_rate = config.learning_rate
-    if options["stage"] in ("pretrain", "distill") and config.hypernetwork_learning_rate is not None:
-        learning_rate = config.hypernetwork_learning_rate
     return training_arguments(
         output_dir / name,
         max_steps=steps,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=learning_rate,
+        learning_rate=config.learning_rate,
         lr_scheduler_type="linear",
         use_cpu=not torch.cuda.is_available(),
         seed=config.seed,
