@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # QuickstartConfig overrides (`--set`) for runs that only check the plumbing of the seed and ablation reports: a tiny
@@ -244,6 +245,14 @@ def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     task = next(t for t in train_tasks if t.name in order["training_pairs"]["per_task"])
     reverse = suite.compose(*task.primitives[::-1])
     _, model, tokenizer = load_run(Path(shared[0]))
+    # A variant that reused the shared stages has no base of its own: it loads the one its checkpoint names, the
+    # shared run's, with its own hypernetwork.
+    variant_config, variant, _ = load_run(tmp_path / "runs" / "no_fusion-seed0")
+    assert variant_config["instruction_fusion"] is False
+    shared_base, variant_base = model.get_base_model().state_dict(), variant.get_base_model().state_dict()
+    assert shared_base.keys() == variant_base.keys()
+    assert all(torch.equal(shared_base[k], variant_base[k]) for k in shared_base)
+    assert model.peft_config["default"].instruction_fusion and not variant.peft_config["default"].instruction_fusion
     own, swapped = (
         delta_w(TaskAdapter.from_instruction(model, tokenizer, t.canonical_instructions()[0])) for t in (task, reverse)
     )
