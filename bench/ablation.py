@@ -72,6 +72,8 @@ VARIANTS = {
     # on more steps.
     "no_kl_default": {"lambda_kl": 0.0},
     "no_kl_distill_1000": {"lambda_kl": 0.0, "distill_steps": 1000},
+    # The same 1000 steps with the KL term kept (the paper's distillation), at the cost of the teacher's forward pass.
+    "distill_1000": {"distill_steps": 1000},
     # Free wordings drawn from twelve phrasings per step and twelve sentence templates instead of six: does a wider
     # cover of the encoder's space carry unseen words (the open-vocabulary family) to the right adapter?
     "free_wordings_12": {"free_wording_variety": 12},
