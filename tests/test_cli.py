@@ -225,7 +225,7 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
     assert json.loads((tmp_path / "qs" / "results.json").read_text())["config"]["seed"] == 1
 
     # Another run may reuse the base model, teachers and oracle of a finished one, never across other settings.
-    variant = dataclasses.replace(micro, seed=1, lambda_kl=0.0, instruction_fusion=False, hypernetwork_hidden_size=24)
+    variant = dataclasses.replace(micro, seed=1, lambda_kl=5.0, instruction_fusion=False, hypernetwork_hidden_size=24)
     results = run_quickstart(tmp_path / "variant", variant, reuse_from=tmp_path / "qs")
     assert results["reused_from"] == str(tmp_path / "qs") and not (tmp_path / "variant" / "work" / "base").exists()
     saved = json.loads((tmp_path / "variant" / "work" / "tagi" / "adapter_config.json").read_text())
