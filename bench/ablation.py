@@ -243,7 +243,9 @@ def run_jobs(
                 providers.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), True))
             else:
                 dependents.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), False))
-    with mp.get_context("spawn").Pool(jobs) as pool:
+    # A fresh process per run (maxtasksperchild=1), as `peft-tagi quickstart` runs: a worker reused for the next run
+    # would carry the last run's memory and warmed caches into that run's wall time and peak memory.
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
         runs = pool.starmap(_run, providers + dependents, chunksize=1)
     order = {(name, seed): i for i, (name, seed) in enumerate((n, s) for n in variants for s in seeds)}
     return sorted(runs, key=lambda r: order[(r["variant"], r["seed"])])

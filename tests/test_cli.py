@@ -260,8 +260,12 @@ def test_quickstart_oracle_does_not_depend_on_what_the_stages_before_it_drew(tmp
 
 
 def test_api_quickstart_example_runs_fast(tmp_path):
-    proc = example("quickstart.py", "--fast", "--output-dir", str(tmp_path / "api"))
+    proc = example("quickstart.py", "--fast", "--output-dir", str(tmp_path / "api"), timeout=900)
     assert "held-out ROUGE-L" in proc.stdout
+    # Distillation with the quickstart's losses (references alone), not TagiTrainingArguments' paper defaults.
+    distill_logs = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("distill:")]
+    assert any("loss_ce=" in line for line in distill_logs), proc.stderr[-2000:]
+    assert not any("loss_kl=" in line or "loss_ins=" in line for line in distill_logs)
     saved = json.loads((tmp_path / "api" / "tagi" / "adapter_config.json").read_text())
     assert saved["instruction_encoder"] == "sentence-transformers/all-MiniLM-L6-v2"  # as the quickstart's default
     assert len((ROOT / "examples" / "quickstart.py").read_text().splitlines()) < 80
