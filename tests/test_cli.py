@@ -126,7 +126,7 @@ def test_config_file_rejects_unknown_options(tmp_path, base_dir):
 
 
 def test_quickstart_fast_writes_the_report(tmp_path):
-    proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=600)
+    proc = cli("quickstart", "--fast", "--seed", "3", "--output-dir", str(tmp_path / "qs"), timeout=1200)
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert results["config"]["seed"] == 3
     assert results["config"]["free_wordings"] == 0.75  # the fraction used: MiniLM reads the reworded instructions
@@ -171,19 +171,21 @@ def test_quickstart_fast_writes_the_report(tmp_path):
     out = tmp_path / "wording.json"
     again = subprocess.run(
         [sys.executable, "-m", "bench.wording", str(tmp_path / "qs"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-4000:]
     [rerun] = json.loads(out.read_text())["runs"]
     assert rerun["families"] == wording["families"]
     assert rerun["training_wordings"] == wording["training_wordings"]
-    # A smoke run stays a smoke run: about 50 s idle; 126 s once while a test suite and a benchmark shared the cores.
-    assert sum(results["timings_s"].values()) < 300
+    # A smoke run stays a smoke run (about 50 s idle) by its step counts: its wall time on a busy machine is no
+    # measure of that (over 600 s once, while a benchmark shared the two cores and the hypervisor took up to half).
+    steps = ("base_steps", "teacher_steps", "pretrain_steps", "distill_steps", "oracle_steps")
+    assert all(0 < results["config"][name] <= 40 for name in steps), {n: results["config"][n] for n in steps}
 
 
 def test_quickstart_from_scratch_reproduces_the_earlier_default(tmp_path):
     proc = cli("quickstart", "--fast", "--base-model", "from-scratch", "--instruction-encoder", "none",
-               "--output-dir", str(tmp_path / "qs"), timeout=600)  # fmt: skip
+               "--output-dir", str(tmp_path / "qs"), timeout=1200)  # fmt: skip
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     # A T5 pretrained in the run, saved where `predict` and `demo` look; its own encoder reads the instructions.
     assert results["config"]["base_model"] == "from-scratch" and "base pretraining" in results["timings_s"]
