@@ -1,6 +1,6 @@
 """The quickstart through the Python API: teachers -> hypernetwork pretraining -> distillation -> held-out adapters.
 
-    python examples/quickstart.py            # the quickstart's stages less its oracle and controls (8.2-9.0 min there)
+    python examples/quickstart.py            # the quickstart's stages less its oracle and controls (8.2-9.0 min of its run)
     python examples/quickstart.py --fast     # a smoke run
 The `peft-tagi quickstart` command does the same with the full five-row report.
 """
