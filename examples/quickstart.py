@@ -49,8 +49,7 @@ stage("teachers", cfg.teacher_steps, train)  # 2. meta-train LoRA + one LoRA per
 stage("pretrain", cfg.pretrain_steps, pretraining_dataset(datasets.Dataset.from_dict({"text": texts})))  # 3.
 # 4. The quickstart's weights: CE on the references alone (lambda_kl 0, lambda_ins 0, chosen on left-out training
 # tasks); TagiTrainingArguments' defaults are the paper's CE + 5 KL to the teacher + sigmoid-weighted ΔW alignment.
-losses = dict(lambda_kl=cfg.lambda_kl, lambda_ins=cfg.lambda_ins, ins_reduction=cfg.ins_reduction)
-stage("distill", cfg.distill_steps, train, teachers=f"{out}/teachers/teachers", **losses)
+stage("distill", cfg.distill_steps, train, teachers=f"{out}/teachers/teachers", **cfg.distillation_losses())
 model.save_pretrained(f"{out}/tagi")
 
 # 5. Held-out tasks: one adapter per instruction, generated once, then plain forwards on the inputs alone.

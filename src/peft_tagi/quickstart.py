@@ -203,6 +203,11 @@ class QuickstartConfig:
             return self.free_wordings
         return FREE_WORDINGS_WITH_ENCODER if self.instruction_encoder is not None else 0.0
 
+    def distillation_losses(self) -> dict[str, str | float]:
+        """The distillation stage's loss weights as `TagiTrainingArguments` fields (whose own defaults are the
+        paper's, not the quickstart's): the one place the quickstart and its Python-API example read them from."""
+        return {"lambda_kl": self.lambda_kl, "lambda_ins": self.lambda_ins, "ins_reduction": self.ins_reduction}
+
     def base(self) -> EmbeddedBaseConfig:
         """The architecture, shape and pretraining budget of a from-scratch base."""
         return EmbeddedBaseConfig(
@@ -575,10 +580,7 @@ def run_quickstart(
         train_stage(model, tokenizer, stage_arguments(work, "pretrain", config.pretrain_steps, config), pretrain_ds)
     lap("hypernetwork pretraining")
 
-    args = stage_arguments(
-        work, "distill", config.distill_steps, config,
-        lambda_kl=config.lambda_kl, lambda_ins=config.lambda_ins, ins_reduction=config.ins_reduction,
-    )  # fmt: skip
+    args = stage_arguments(work, "distill", config.distill_steps, config, **config.distillation_losses())
     train_stage(model, tokenizer, args, train_ds, teachers=teachers_dir)
     model.save_pretrained(work / "tagi", overwrite=overwrite)
     lap("distillation")
