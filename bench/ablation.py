@@ -207,25 +207,24 @@ def _run(
     }
 
 
-def run_jobs(
+def plan_runs(
     variants: dict[str, dict],
     seeds: list[int],
     fast: bool,
     validation: int,
     work_dir: str,
-    jobs: int,
     threads: int,
     share_stages: bool = True,
-) -> list[dict]:
-    """Every (variant, seed) run of the quickstart, `jobs` processes side by side with `threads` torch threads each.
+) -> tuple[list[tuple], list[tuple]]:
+    """The `_run` arguments of every (variant, seed) run: (providers, dependents).
 
-    Per seed, the runs whose shared-stage settings agree share `work_dir/shared-seedN` (see the module docstring).
-    Providers are queued first, so that a run waiting for its provider never holds back the provider itself.
+    Per seed, the runs whose shared-stage settings agree share `work_dir/shared-seedN` (see the module docstring): the
+    first variant provides it, the others depend on it. A run that changes a shared setting, or that aligns ΔW to a
+    bank of teachers the provider does not train (`QuickstartConfig.teacher_loras`), is a provider of its own.
     `share_stages=False`: every run trains all of its stages in `work_dir/VARIANT-seedN`.
     """
     from peft_tagi.quickstart import SHARED_STAGE_FIELDS, check_reusable
 
-    threads = threads or max(1, (os.cpu_count() or 2) // jobs)
     first = next(iter(variants.values()))
     providers, dependents = [], []
     for seed in seeds:
@@ -236,13 +235,36 @@ def run_jobs(
             check_reusable(shared, reference)  # a stale folder from other settings: refuse before any run starts
         for index, (name, overrides) in enumerate(variants.items()):
             config = _config(overrides, fast, validation, seed)
-            if not share_stages or any(getattr(config, f) != getattr(reference, f) for f in SHARED_STAGE_FIELDS):
+            needs_bank = config.teacher_loras() == "both" and reference.teacher_loras() != "both"
+            if (
+                not share_stages
+                or needs_bank
+                or any(getattr(config, f) != getattr(reference, f) for f in SHARED_STAGE_FIELDS)
+            ):
                 providers.append((name, overrides, fast, validation, work_dir, threads, seed, None, False))
             elif index == 0 and (not finished or _finished(shared, config, None) is not None):
                 # Trains the shared stages there, or (finished) reads back its own results from there.
                 providers.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), True))
             else:
                 dependents.append((name, overrides, fast, validation, work_dir, threads, seed, str(shared), False))
+    return providers, dependents
+
+
+def run_jobs(
+    variants: dict[str, dict],
+    seeds: list[int],
+    fast: bool,
+    validation: int,
+    work_dir: str,
+    jobs: int,
+    threads: int,
+    share_stages: bool = True,
+) -> list[dict]:
+    """Every (variant, seed) run of the quickstart (`plan_runs`), `jobs` processes side by side with `threads` torch
+    threads each. Providers are queued first, so that a run waiting for its provider never holds back the provider
+    itself."""
+    threads = threads or max(1, (os.cpu_count() or 2) // jobs)
+    providers, dependents = plan_runs(variants, seeds, fast, validation, work_dir, threads, share_stages)
     # A fresh process per run (maxtasksperchild=1), as `peft-tagi quickstart` runs: a worker reused for the next run
     # would carry the last run's memory and warmed caches into that run's wall time and peak memory.
     with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:

@@ -125,6 +125,23 @@ def test_interleaved_rotates_the_order_and_ratios_are_paired():
     assert entry["ratio_of_medians"] == 4.0 / 3.0
 
 
+def test_ablation_shares_teachers_only_with_runs_that_need_no_more_of_them(tmp_path):
+    from bench.ablation import VARIANTS, plan_runs
+
+    # The quickstart's default trains no bank (it distils without ΔW alignment): the paper's full method cannot load
+    # its teachers and trains its own; a run that needs less than its provider trained shares.
+    def plan(*names):
+        variants = {name: VARIANTS[name] for name in names}
+        providers, dependents = plan_runs(variants, [0], True, 3, str(tmp_path), 1)
+        return [(run[0], run[7] is not None, run[8]) for run in providers], [run[0] for run in dependents]
+
+    shared = str(tmp_path / "shared-seed0")
+    assert plan("quickstart", "full", "no_fusion") == ([("quickstart", True, True), ("full", False, False),
+                                                       ("no_fusion", False, False)], [])  # fmt: skip
+    assert plan("full", "quickstart", "no_kl") == ([("full", True, True)], ["quickstart", "no_kl"])
+    assert plan_runs({"full": {}}, [0], True, 3, str(tmp_path), 1)[0][0][7] == shared
+
+
 def test_ablation_runs_each_variant_and_reports_every_row(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     tiny = TINY_QUICKSTART

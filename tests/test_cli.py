@@ -235,6 +235,14 @@ def test_quickstart_reruns_only_with_overwrite(tmp_path):
     original = json.loads((tmp_path / "qs" / "results.json").read_text())
     for row in ("base", "oracle"):  # the very same models
         assert results["rows"][row]["rougeL"] == original["rows"][row]["rougeL"]
+    # Distilled without ΔW alignment, the run trained no bank of parameter teachers, and the oracle (per-task LoRAs)
+    # no meta-train LoRA: a variant that aligns ΔW cannot reuse its teachers.
+    teachers = json.loads((tmp_path / "qs" / "work" / "teachers" / "teachers" / "teachers.json").read_text())
+    oracle = json.loads((tmp_path / "qs" / "work" / "oracle" / "teachers" / "teachers.json").read_text())
+    assert teachers["meta"] == "meta" and teachers["bank"] == {} and oracle["meta"] is None and len(oracle["bank"]) > 1
+    aligned = dataclasses.replace(micro, seed=1, lambda_ins="sigmoid")
+    with pytest.raises(ValueError, match=r"trained no bank of parameter teachers.*lambda_ins='sigmoid' needs one"):
+        run_quickstart(tmp_path / "other", aligned, reuse_from=tmp_path / "qs")
     with pytest.raises(ValueError, match=r"other settings for \['seed'\]"):
         run_quickstart(tmp_path / "other", micro, reuse_from=tmp_path / "qs")
     with pytest.raises(FileNotFoundError, match="no finished quickstart"):

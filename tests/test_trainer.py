@@ -187,6 +187,51 @@ def test_the_meta_teacher_does_not_depend_on_the_bank(tmp_path, toy):
         assert torch.equal(metas[0].lora_B[name], metas[1].lora_B[name]), name
 
 
+def test_a_teacher_left_out_changes_nothing_in_the_other(tmp_path, toy):
+    # teacher_loras skips the pass of a teacher no later stage reads; what is trained must be bitwise what "both"
+    # trains (separate LoRAs, gradients clipped per LoRA, initialisations drawn as with both).
+    trained = {}
+    for which in ("both", "meta", "bank"):
+        args = args_for(tmp_path / which, "teachers", max_steps=4, teacher_loras=which, max_grad_norm=0.05)
+        TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, processing_class=word_tokenizer()).train()
+        trained[which] = load_teachers(tmp_path / which / "teachers" / "teachers")
+    (meta, bank, _), (meta_only, no_bank, _), (no_meta, bank_only, _) = (trained[w] for w in ("both", "meta", "bank"))
+    assert no_bank == {} and no_meta is None
+    assert not (tmp_path / "meta" / "teachers" / "teachers" / "bank").exists()
+    assert not (tmp_path / "bank" / "teachers" / "teachers" / "meta").exists()
+    assert set(bank_only) == set(bank) == {"reverse", "first_two", "last_two", "copy"}
+    for name in meta.lora_A:
+        assert meta.lora_B[name].abs().sum() > 0
+        assert torch.equal(meta.lora_A[name], meta_only.lora_A[name]) and torch.equal(
+            meta.lora_B[name], meta_only.lora_B[name]
+        )
+        for group in bank:
+            assert torch.equal(bank[group].lora_A[name], bank_only[group].lora_A[name])
+            assert torch.equal(bank[group].lora_B[name], bank_only[group].lora_B[name])
+    with pytest.raises(ValueError, match="teacher_loras must be one of"):
+        args_for(tmp_path, "teachers", teacher_loras="all")
+
+
+@pytest.mark.parametrize(
+    ("which", "losses", "missing"),
+    [("meta", {"lambda_kl": 0.0, "lambda_ins": 1.0}, "the bank"), ("bank", {"lambda_kl": 5.0, "lambda_ins": 0.0}, "the meta-train LoRA")],
+)  # fmt: skip
+def test_distillation_refuses_teachers_that_lack_what_its_losses_read(tmp_path, toy, which, losses, missing):
+    args = args_for(tmp_path / which, "teachers", max_steps=1, teacher_loras=which)
+    TagiTrainer(model=tagi_t5(), args=args, train_dataset=toy, processing_class=word_tokenizer()).train()
+    folder = tmp_path / which / "teachers" / "teachers"
+    with pytest.raises(ValueError, match=f"lacks {missing}.*teacher_loras='both'"):
+        TagiTrainer(model=tagi_t5(), args=args_for(tmp_path, "distill", **losses), train_dataset=toy,
+                    processing_class=word_tokenizer(), teachers=folder)  # fmt: skip
+    # What the folder holds is enough for the other loss term alone: one real step.
+    other = {"lambda_kl": 5.0, "lambda_ins": 0.0} if which == "meta" else {"lambda_kl": 0.0, "lambda_ins": 1.0}
+    trainer = TagiTrainer(model=tagi_t5(), args=args_for(tmp_path, "distill", max_steps=1, **other),
+                          train_dataset=toy, processing_class=word_tokenizer(), teachers=folder)  # fmt: skip
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert math.isfinite(logged["loss_kl" if which == "meta" else "loss_ins"])
+
+
 @pytest.mark.parametrize("task_type", ["SEQ_2_SEQ_LM", "CAUSAL_LM"])
 def test_each_teacher_loss_term_is_its_lora_on_its_own_rows(tmp_path, toy, task_type):
     # The meta-train LoRA reads instruction + input, each bank LoRA its task's input alone: each term must be the

@@ -208,6 +208,12 @@ class QuickstartConfig:
         paper's, not the quickstart's): the one place the quickstart and its Python-API example read them from."""
         return {"lambda_kl": self.lambda_kl, "lambda_ins": self.lambda_ins, "ins_reduction": self.ins_reduction}
 
+    def teacher_loras(self) -> str:
+        """What the teacher stage trains (`TagiTrainingArguments.teacher_loras`): the meta-train LoRA always (the
+        report's teacher row, the logit teacher of `lambda_kl`), the bank only when distillation aligns ΔW to it
+        (`lambda_ins`); no other stage reads the bank, and its pass is about half the stage's time."""
+        return "both" if self.lambda_ins else "meta"
+
     def base(self) -> EmbeddedBaseConfig:
         """The architecture, shape and pretraining budget of a from-scratch base."""
         return EmbeddedBaseConfig(
@@ -453,6 +459,11 @@ def check_reusable(folder: Path, config: QuickstartConfig) -> dict:
             f"({ {f: earlier['config'].get(f) for f in differ} } there, { {f: ours[f] for f in differ} } here): its "
             "base model, teachers and oracle are not this run's. Train them (drop reuse_from) or match the settings."
         )
+    if config.teacher_loras() == "both" and not load_teachers(folder / "work" / "teachers" / "teachers")[1]:
+        raise ValueError(
+            f"reuse_from={str(folder)!r} trained no bank of parameter teachers (its distillation did not align ΔW), "
+            f"and this run's lambda_ins={config.lambda_ins!r} needs one. Train the teachers (drop reuse_from)."
+        )
     return earlier
 
 
@@ -569,8 +580,9 @@ def run_quickstart(
 
     if reused is None:
         args = stage_arguments(
-            work, "teachers", config.teacher_steps, config, group_by=config.group_by, overwrite_teachers=overwrite
-        )
+            work, "teachers", config.teacher_steps, config, group_by=config.group_by,
+            teacher_loras=config.teacher_loras(), overwrite_teachers=overwrite,
+        )  # fmt: skip
         train_stage(model, tokenizer, args, train_ds)
     teachers_dir = shared / "teachers" / "teachers"
     lap("teachers")
@@ -587,8 +599,8 @@ def run_quickstart(
 
     if reused is None:
         args = stage_arguments(
-            work, "oracle", config.oracle_steps, config, stage="teachers", overwrite_teachers=overwrite,
-            run_name="oracle",
+            work, "oracle", config.oracle_steps, config, stage="teachers", teacher_loras="bank",
+            overwrite_teachers=overwrite, run_name="oracle",
         )  # fmt: skip
         train_stage(tagi_model(fresh_base(), **tagi_options), tokenizer, args, oracle_train)
     oracle_dir = shared / "oracle" / "teachers"

@@ -62,13 +62,21 @@ class LoraBank(nn.Module):
 
 
 class TeacherLoras(nn.Module):
-    """The stage-1 teachers: `meta` (one LoRA reading instruction + input) and `bank` (one LoRA per group)."""
+    """The stage-1 teachers: `meta` (one LoRA reading instruction + input) and `bank` (one LoRA per group).
 
-    def __init__(self, targets: list[TargetSpec], group_names: list[str], r: int) -> None:
+    Either may be left out (`meta=False`, no `group_names`) when no later stage reads it: the meta-train LoRA is the
+    logit teacher of distillation's KL term, the bank holds the ΔW targets of its alignment term.
+    """
+
+    def __init__(self, targets: list[TargetSpec], group_names: list[str], r: int, meta: bool = True) -> None:
         super().__init__()
+        if not meta and not group_names:
+            raise ValueError("TeacherLoras needs the meta-train LoRA, bank groups, or both; it was given neither.")
         self.group_names = list(group_names)
-        self.meta = LoraBank(targets, 1, r)
-        self.bank = LoraBank(targets, len(group_names), r)
+        # Drawn even when left out, so that the bank starts from the same weights either way.
+        meta_lora = LoraBank(targets, 1, r)
+        self.meta = meta_lora if meta else None
+        self.bank = LoraBank(targets, len(group_names), r) if group_names else None
 
     def clip_grad_norm_per_lora_(self, max_norm: float) -> torch.Tensor:
         """Clip the gradient of every LoRA (the meta one and each bank entry) to `max_norm` on its own.
@@ -77,7 +85,7 @@ class TeacherLoras(nn.Module):
         one task's gradients shrink another's updates. Returns the norm of all gradients before clipping.
         """
         squares = []
-        for bank in (self.meta, self.bank):
+        for bank in (b for b in (self.meta, self.bank) if b is not None):
             grads = [p.grad for p in bank.parameters() if p.grad is not None]
             if not grads:
                 continue
@@ -104,14 +112,17 @@ def save_teachers(
     """Write every teacher as a standard PEFT LoRA folder, plus `teachers.json` that indexes them.
 
     `new_adapter(lora_A=..., lora_B=...)` makes a `TaskAdapter` of the model's targets (`TagiModel.new_task_adapter`).
-    Layout: `meta/` (the logit teacher), `bank/<group>/` (one per task or category), `teachers.json`.
+    Layout: `meta/` (the logit teacher), `bank/<group>/` (one per task or category), `teachers.json`; a teacher the
+    stage did not train is absent (`"meta": null` or an empty `"bank"` in the index).
     """
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        meta_A, meta_B = teachers.meta.entry_weights(0)
-        meta = new_adapter(lora_A=meta_A, lora_B=meta_B)
-        meta.save_lora(tmp / "meta")
+        adapter = None
+        if teachers.meta is not None:
+            meta_A, meta_B = teachers.meta.entry_weights(0)
+            adapter = new_adapter(lora_A=meta_A, lora_B=meta_B)
+            adapter.save_lora(tmp / "meta")
         folders, used = {}, set()
         for entry, group in enumerate(teachers.group_names):
             folder = safe_folder_name(group)
@@ -120,16 +131,23 @@ def save_teachers(
             used.add(folder)
             folders[group] = f"bank/{folder}"
             lora_A, lora_B = teachers.bank.entry_weights(entry)
-            new_adapter(lora_A=lora_A, lora_B=lora_B).save_lora(tmp / "bank" / folder)
-        index = {"group_by": group_by, "meta": "meta", "bank": folders, "r": meta.r, "lora_alpha": meta.lora_alpha}
+            adapter = new_adapter(lora_A=lora_A, lora_B=lora_B)
+            adapter.save_lora(tmp / "bank" / folder)
+        index = {
+            "group_by": group_by,
+            "meta": "meta" if teachers.meta is not None else None,
+            "bank": folders,
+            "r": adapter.r,
+            "lora_alpha": adapter.lora_alpha,
+        }
         (tmp / TEACHERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     atomic_write_dir(path, write, overwrite=overwrite)
     return path
 
 
-def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter, dict[str, TaskAdapter], str]:
-    """Read a folder written by `save_teachers`: (meta LoRA, {group: bank LoRA}, group_by)."""
+def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter | None, dict[str, TaskAdapter], str]:
+    """Read a folder written by `save_teachers`: (meta LoRA or None if not trained, {group: bank LoRA}, group_by)."""
     path = Path(path)
     index_file = path / TEACHERS_INDEX
     if not index_file.is_file():
@@ -138,6 +156,6 @@ def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter, dict[str, TaskA
             "output folder as teachers=."
         )
     index = json.loads(index_file.read_text())
-    meta = TaskAdapter.load(path / index["meta"])
+    meta = TaskAdapter.load(path / index["meta"]) if index["meta"] is not None else None
     bank = {group: TaskAdapter.load(path / folder) for group, folder in index["bank"].items()}
     return meta, bank, index["group_by"]

@@ -35,6 +35,7 @@ logger = logging.get_logger(__name__)
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 STAGES = ("teachers", "pretrain", "distill")
+TEACHER_LORAS = ("both", "meta", "bank")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
             Frobenius norm, out · in times larger, which outweighs CE and KL by orders of magnitude). Averaged over
             modules and tasks either way.
         group_by (`str`): what the bank of parameter teachers is indexed by: `"task_name"` or `"category"`.
+        teacher_loras (`str`): what stage `teachers` trains: `"both"` (the paper's), `"meta"` (the meta-train LoRA
+            alone: the logit teacher of `lambda_kl`) or `"bank"` (the bank alone: the ΔW targets of `lambda_ins`, or
+            per-task LoRAs for their own sake). A teacher no later stage reads costs a forward and backward pass per
+            step; distillation refuses a folder that lacks a teacher its loss weights need.
         teachers_output_dir (`str`, *optional*): where stage `teachers` writes its LoRA folders; defaults to
             `<output_dir>/teachers`. An existing non-empty folder is only replaced with `overwrite_teachers=True`.
         overwrite_teachers (`bool`): allow replacing an existing teachers folder.
@@ -69,6 +74,7 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
     lambda_ins: str = field(default="sigmoid", metadata={"help": "'sigmoid' or a float: ΔW alignment weight."})
     ins_reduction: str = field(default="mean", metadata={"help": "L_ins per ΔW entry ('mean') or Frobenius ('sum')."})
     group_by: str = field(default="task_name", metadata={"help": "Bank index: task_name | category."})
+    teacher_loras: str = field(default="both", metadata={"help": "Stage teachers trains: both | meta | bank."})
     teachers_output_dir: str | None = field(default=None, metadata={"help": "Teacher LoRA folders (stage teachers)."})
     overwrite_teachers: bool = field(default=False, metadata={"help": "Replace an existing teachers folder."})
     # The collator needs the raw text columns, which a model's forward signature does not name.
@@ -81,6 +87,10 @@ class TagiTrainingArguments(Seq2SeqTrainingArguments):
         if self.ins_reduction not in ("mean", "sum"):
             raise ValueError(
                 f"TagiTrainingArguments.ins_reduction must be 'mean' or 'sum', got {self.ins_reduction!r}."
+            )
+        if self.teacher_loras not in TEACHER_LORAS:
+            raise ValueError(
+                f"TagiTrainingArguments.teacher_loras must be one of {list(TEACHER_LORAS)}, got {self.teacher_loras!r}."
             )
         if self.group_by not in ("task_name", "category"):
             raise ValueError(
@@ -207,10 +217,11 @@ class TagiTrainer(Seq2SeqTrainer):
         if args.stage == "teachers":
             if train_dataset is None:
                 raise ValueError("Stage 'teachers' needs a train_dataset (one LoRA is trained per task or category).")
-            values = train_dataset[group_by]
-            if any(not v for v in values):
-                raise ValueError(f"Some training examples have an empty {group_by!r}; every example needs one.")
-            group_names = sorted(set(values))
+            if args.teacher_loras != "meta":
+                values = train_dataset[group_by]
+                if any(not v for v in values):
+                    raise ValueError(f"Some training examples have an empty {group_by!r}; every example needs one.")
+                group_names = sorted(set(values))
         elif args.stage == "distill":
             needs_kl = args.lambda_kl > 0 and teacher_model is None
             needs_ins = args.lambda_ins == "sigmoid" or args.lambda_ins > 0
@@ -223,6 +234,19 @@ class TagiTrainer(Seq2SeqTrainer):
             if teachers is not None:
                 self._meta_adapter, self._bank_adapters, group_by = load_teachers(teachers)
                 group_names = list(self._bank_adapters)
+                missing = [
+                    f"{what} (trained unless teacher_loras={other!r})"
+                    for what, other, needed, present in (
+                        ("the meta-train LoRA, the logit teacher of lambda_kl", "bank", needs_kl, self._meta_adapter),
+                        ("the bank, the ΔW targets of lambda_ins", "meta", needs_ins, group_names),
+                    )
+                    if needed and not present
+                ]
+                if missing:
+                    raise ValueError(
+                        f"The teachers folder {teachers} lacks {' and '.join(missing)}: train the teachers again with "
+                        "teacher_loras='both', or set the loss weight that needs it to 0."
+                    )
 
         if data_collator is None:
             if processing_class is None:
@@ -244,7 +268,7 @@ class TagiTrainer(Seq2SeqTrainer):
             data_collator.group_by = group_by
         self.group_names = group_names
 
-        self._set_trainable(tagi, args.stage, group_names, args.seed)
+        self._set_trainable(tagi, args.stage, group_names, args.seed, meta=args.teacher_loras != "bank")
         if compute_metrics is None and args.predict_with_generate and processing_class is not None:
             compute_metrics = self._generation_metrics
         super().__init__(
@@ -271,7 +295,7 @@ class TagiTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str], seed: int) -> None:
+    def _set_trainable(tagi: TagiModel, stage: str, group_names: list[str], seed: int, meta: bool = True) -> None:
         adapter_name = tagi.active_adapters[0]
         if stage == "teachers":
             device = tagi.model.get_input_embeddings().weight.device
@@ -279,7 +303,7 @@ class TagiTrainer(Seq2SeqTrainer):
             # `model_init` model), not whatever the caller drew from the global generator before building it.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                teachers = TeacherLoras(tagi.target_specs, group_names, tagi.tagi_config.r).to(device)
+                teachers = TeacherLoras(tagi.target_specs, group_names, tagi.tagi_config.r, meta=meta).to(device)
             tagi.tagi_teachers = torch.nn.ModuleDict({adapter_name: teachers})
             tagi.tagi_hypernetwork.requires_grad_(False)
         else:
@@ -395,18 +419,23 @@ class TagiTrainer(Seq2SeqTrainer):
 
         Two passes rather than one of 2N rows: the bank's rows lack the instruction, and padding them to the meta
         rows' width would spend most of their compute (and their backward) on padding. The meta-train LoRA is one
-        weight set, applied to its whole pass as a plain low-rank matmul.
+        weight set, applied to its whole pass as a plain low-rank matmul. A teacher left out (`teacher_loras`) skips
+        its pass.
         """
         tagi = tagi_model_of(model)
         teachers = tagi.tagi_teachers[tagi.active_adapters[0]]
-        task_index = inputs["task_index"]
-        if (task_index < 0).any():
-            raise ValueError("A training example's task is not in the teacher bank; rebuild the trainer on this data.")
-        meta = teachers.meta.task_weights(torch.zeros_like(task_index[:1]))
-        passes = (
-            ("ce_meta", self._teacher_batch(inputs), TaskWeights(meta.weights, None, None, None)),
-            ("ce_bank", {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}, teachers.bank.task_weights(task_index)),
-        )  # fmt: skip
+        passes = []
+        if teachers.meta is not None:
+            meta = teachers.meta.task_weights(torch.zeros(1, dtype=torch.long, device=inputs["input_ids"].device))
+            passes.append(("ce_meta", self._teacher_batch(inputs), TaskWeights(meta.weights, None, None, None)))
+        if teachers.bank is not None:
+            task_index = inputs["task_index"]
+            if (task_index < 0).any():
+                raise ValueError(
+                    "A training example's task is not in the teacher bank; rebuild the trainer on this data."
+                )
+            bank_batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+            passes.append(("ce_bank", bank_batch, teachers.bank.task_weights(task_index)))
         terms, outputs = {}, []
         for name, batch, weights in passes:
             with tagi.apply_task_weights(weights):
@@ -417,7 +446,7 @@ class TagiTrainer(Seq2SeqTrainer):
                 label_token_logits(outputs[-1].logits, labels, self.causal).float(), token_labels[token_labels != -100]
             )
         self._record(terms)
-        return terms["ce_meta"] + terms["ce_bank"], outputs[0]  # the meta-train LoRA's outputs, for return_outputs
+        return sum(terms.values()), outputs[0]  # the first pass's outputs (the meta-train LoRA's), for return_outputs
 
     def _record(self, terms: dict[str, torch.Tensor]) -> None:
         values = {name: float(value.detach()) for name, value in terms.items()}
@@ -494,7 +523,8 @@ class TagiTrainer(Seq2SeqTrainer):
             super()._save(output_dir, state_dict)
 
     def save_teachers(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the meta-train LoRA and every bank LoRA as standard PEFT LoRA folders (stage 'teachers')."""
+        """Write the meta-train LoRA and every bank LoRA (those `teacher_loras` trains) as standard PEFT LoRA folders
+        (stage 'teachers')."""
         tagi = tagi_model_of(self.model)
         if "tagi_teachers" not in dict(tagi.named_children()):
             raise ValueError("No teachers to save: this trainer is not in stage 'teachers'.")
@@ -506,7 +536,8 @@ class TagiTrainer(Seq2SeqTrainer):
             group_by=self.args.group_by,
             overwrite=self.args.overwrite_teachers,
         )
-        logger.info(f"Wrote the meta-train LoRA and {len(self.group_names)} bank LoRAs to {saved}")
+        meta = "the meta-train LoRA and " if self.args.teacher_loras != "bank" else ""
+        logger.info(f"Wrote {meta}{len(self.group_names)} bank LoRAs to {saved}")
         return saved
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
