@@ -76,6 +76,9 @@ VARIANTS = {
     "no_kl_distill_1000": {"lambda_kl": 0.0, "distill_steps": 1000},
     "kl_distill_750": {"lambda_kl": 5.0, "distill_steps": 750},
     "distill_1000": {"lambda_kl": 5.0, "distill_steps": 1000},
+    # The time the teacher stage no longer spends on a bank no stage reads (teacher_loras), and more, spent on steps.
+    "no_kl_distill_1300": {"lambda_kl": 0.0, "distill_steps": 1300},
+    "no_kl_distill_1600": {"lambda_kl": 0.0, "distill_steps": 1600},
     # Free wordings drawn from twelve phrasings per step and twelve sentence templates instead of six: does a wider
     # cover of the encoder's space carry unseen words (the open-vocabulary family) to the right adapter?
     "free_wordings_12": {"free_wording_variety": 12},
