@@ -70,13 +70,14 @@ VARIANTS = {
     "hidden_1024": {"hypernetwork_hidden_size": 1024},
     # Distillation from the references alone (no KL to a teacher that is itself exactly right on a third to a half of
     # the training tasks' inputs), which also skips the teacher's forward pass of every step; and the time saved spent
-    # on more steps (the quickstart's default since: "no_kl_distill_1000" is "quickstart"); the default before it
+    # on more steps (the quickstart's default from 6c24a30 to 1300 steps); the default before it
     # (750 steps with the paper's KL weight of 5), and 1000 steps with the KL term kept.
     "no_kl_default": {"lambda_kl": 0.0, "distill_steps": 750},
     "no_kl_distill_1000": {"lambda_kl": 0.0, "distill_steps": 1000},
     "kl_distill_750": {"lambda_kl": 5.0, "distill_steps": 750},
     "distill_1000": {"lambda_kl": 5.0, "distill_steps": 1000},
-    # The time the teacher stage no longer spends on a bank no stage reads (teacher_loras), and more, spent on steps.
+    # The time the teacher stage no longer spends on a bank no stage reads (teacher_loras), and more, spent on steps
+    # (1300 is "quickstart" since; docs/quality.md, "More distillation steps").
     "no_kl_distill_1300": {"lambda_kl": 0.0, "distill_steps": 1300},
     "no_kl_distill_1600": {"lambda_kl": 0.0, "distill_steps": 1600},
     # Free wordings drawn from twelve phrasings per step and twelve sentence templates instead of six: does a wider

@@ -91,6 +91,14 @@ def test_train_generate_export_evaluate_pipeline(base_dir, tmp_path):
         "--output-dir", str(tmp_path / "d"))  # fmt: skip
     ckpt = tmp_path / "d" / "tagi"
     assert json.loads((ckpt / "adapter_config.json").read_text())["peft_type"] == "TAGI"
+    # Teachers without the bank are enough for --lambda-ins 0; the default ΔW alignment is refused, naming the way out.
+    cli(
+        "train", "--stage", "teachers", "--teacher-loras", "meta", *common, *tiny, "--output-dir", str(tmp_path / "tm")
+    )
+    assert json.loads((tmp_path / "tm" / "teachers" / "teachers.json").read_text())["bank"] == {}
+    proc = cli("train", "--stage", "distill", "--teachers", str(tmp_path / "tm" / "teachers"), *common, *tiny,
+               "--output-dir", str(tmp_path / "dm"), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "lacks the bank" in proc.stderr and "teacher_loras='both'" in proc.stderr
     # refuses to overwrite a non-empty output folder
     proc = cli("train", "--config", str(config), *common, "--output-dir", str(tmp_path / "d"), check=False)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr

@@ -104,6 +104,7 @@ def cmd_train(args) -> None:
         lambda_kl=args.lambda_kl,
         lambda_ins=args.lambda_ins,
         group_by=args.group_by,
+        teacher_loras=args.teacher_loras,
         logging_steps=max(1, args.max_steps // 20),
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
@@ -364,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda-kl", type=float, default=5.0)
     train.add_argument("--lambda-ins", default="sigmoid", help="'sigmoid' or a number")
     train.add_argument("--group-by", choices=["task_name", "category"], default="task_name")
+    train.add_argument(
+        "--teacher-loras",
+        choices=["both", "meta", "bank"],
+        default="both",
+        help="what --stage teachers trains: both (default); meta, the meta-train LoRA alone (enough to distil with "
+        "--lambda-ins 0); bank, the per-task LoRAs alone (enough with --lambda-kl 0)",
+    )
     train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     train.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     train.set_defaults(func=cmd_train)
