@@ -49,7 +49,7 @@ from .pipeline import (
     training_arguments,
     write_report,
 )
-from .teachers import load_teachers
+from .teachers import load_teachers, read_teachers_index
 from .tokenizer import unknown_words
 
 logger = logging.get_logger(__name__)
@@ -458,7 +458,7 @@ def check_reusable(folder: Path, config: QuickstartConfig) -> dict:
             f"({ {f: earlier['config'].get(f) for f in differ} } there, { {f: ours[f] for f in differ} } here): its "
             "base model, teachers and oracle are not this run's. Train them (drop reuse_from) or match the settings."
         )
-    if config.teacher_loras() == "both" and not load_teachers(folder / "work" / "teachers" / "teachers")[1]:
+    if config.teacher_loras() == "both" and not read_teachers_index(folder / "work" / "teachers" / "teachers")["bank"]:
         raise ValueError(
             f"reuse_from={str(folder)!r} trained no bank of parameter teachers (its distillation did not align ΔW), "
             f"and this run's lambda_ins={config.lambda_ins!r} needs one. Train the teachers (drop reuse_from)."

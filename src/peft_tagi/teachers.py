@@ -146,16 +146,21 @@ def save_teachers(
     return path
 
 
-def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter | None, dict[str, TaskAdapter], str]:
-    """Read a folder written by `save_teachers`: (meta LoRA or None if not trained, {group: bank LoRA}, group_by)."""
-    path = Path(path)
-    index_file = path / TEACHERS_INDEX
+def read_teachers_index(path: str | os.PathLike) -> dict:
+    """The `teachers.json` of a folder written by `save_teachers` (which teachers it holds, where), no weights read."""
+    index_file = Path(path) / TEACHERS_INDEX
     if not index_file.is_file():
         raise FileNotFoundError(
             f"{path} is not a teachers folder (no {TEACHERS_INDEX}); run the 'teachers' stage first and pass its "
             "output folder as teachers=."
         )
-    index = json.loads(index_file.read_text())
+    return json.loads(index_file.read_text())
+
+
+def load_teachers(path: str | os.PathLike) -> tuple[TaskAdapter | None, dict[str, TaskAdapter], str]:
+    """Read a folder written by `save_teachers`: (meta LoRA or None if not trained, {group: bank LoRA}, group_by)."""
+    path = Path(path)
+    index = read_teachers_index(path)
     meta = TaskAdapter.load(path / index["meta"]) if index["meta"] is not None else None
     bank = {group: TaskAdapter.load(path / folder) for group, folder in index["bank"].items()}
     return meta, bank, index["group_by"]
